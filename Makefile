@@ -1,0 +1,33 @@
+# weightsmith developer targets. `make demo` and `make test` work on a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of torch is installed first; a user with a GPU overrides it, e.g.
+#   make TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu124' demo
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test test-slow bench clean
+
+$(BIN)/weightsmith: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet -e '.[dev,packed]'
+	touch $@
+
+venv: $(BIN)/weightsmith
+
+demo: venv
+	$(BIN)/weightsmith demo
+
+test: venv
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow: venv
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+bench: venv
+	$(BIN)/python bench/io.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

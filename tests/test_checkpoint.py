@@ -1,0 +1,162 @@
+"""Checkpoint folders: write/read round trips, sharding, provenance, atomic output."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from weightsmith.checkpoint import INDEX_NAME, Checkpoint, CheckpointWriter, copy_checkpoint
+from weightsmith.provenance import RECORD_NAME, Record, sha256_file
+from weightsmith.stformat import TORCH_TO_ST
+
+ALL_DTYPES = sorted(TORCH_TO_ST, key=str)
+
+
+def sample_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i, dtype in enumerate(ALL_DTYPES):
+        base = torch.randn(7, i + 2, generator=g) * 50
+        if dtype == torch.bool:
+            out[f"t.{i}"] = base > 0
+        elif dtype.is_floating_point:
+            out[f"t.{i}"] = base.to(dtype)
+        else:
+            lo = 0 if "uint" in str(dtype) else -100
+            out[f"t.{i}"] = base.clamp(lo, 100).to(torch.int64).to(dtype)
+    out["scalar"] = torch.tensor(2.5)
+    out["empty"] = torch.empty(0, 4)
+    return out
+
+
+def assert_same(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert torch.equal(a.view(-1).view(torch.uint8) if a.numel() else a, b.view(-1).view(torch.uint8) if b.numel() else b)
+
+
+@pytest.mark.parametrize("max_shard_size", [2 * 1024**3, 120])
+def test_round_trip_every_dtype(tmp_path, max_shard_size):
+    tensors = sample_tensors()
+    with CheckpointWriter(tmp_path / "out", max_shard_size=max_shard_size) as writer:
+        for name, t in tensors.items():
+            writer.add(name, t)
+    ckpt = Checkpoint(tmp_path / "out")
+    assert set(ckpt.names()) == set(tensors)
+    for name, t in tensors.items():
+        assert_same(ckpt.get(name), t)
+        assert ckpt.info(name).shape == tuple(t.shape) and ckpt.info(name).dtype == t.dtype
+    files = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
+    if max_shard_size > 10**6:
+        assert files == ["model.safetensors"] and not (tmp_path / "out" / INDEX_NAME).exists()
+    else:
+        assert len(files) > 3 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+        index = json.loads((tmp_path / "out" / INDEX_NAME).read_text())
+        assert set(index["weight_map"]) == set(tensors)
+        # the index maps every name to the shard that really holds it
+        for name, fname in index["weight_map"].items():
+            assert name in load_file(tmp_path / "out" / fname)
+        assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    # the safetensors library itself reads what we wrote
+    merged = {}
+    for f in files:
+        merged.update(load_file(tmp_path / "out" / f))
+    for name, t in tensors.items():
+        assert_same(merged[name], t)
+
+
+def test_header_outgrowing_its_reservation_is_shifted(tmp_path):
+    tensors = {f"a.very.long.tensor.name.{i:04d}": torch.full((3,), float(i)) for i in range(50)}
+    with CheckpointWriter(tmp_path / "out", header_reserve=16) as writer:
+        for name, t in tensors.items():
+            writer.add(name, t)
+    loaded = load_file(tmp_path / "out" / "model.safetensors")
+    assert all(torch.equal(loaded[n], t) for n, t in tensors.items())
+
+
+def test_provenance_lists_input_hashes_and_chains(tmp_path, tiny_llama):
+    src = Checkpoint(tiny_llama)
+    record = Record("copy", {"dtype": "bfloat16"}, seed=7)
+    record.add_input(src.folder, src.files, src.provenance)
+    record.figures["answer"] = 42
+    copy_checkpoint(src, tmp_path / "a", dtype=torch.bfloat16, record=record)
+    doc = json.loads((tmp_path / "a" / RECORD_NAME).read_text())
+    assert doc["pass"] == "copy" and doc["seed"] == 7 and doc["parameters"] == {"dtype": "bfloat16"}
+    assert doc["figures"] == {"answer": 42}
+    (entry,) = doc["inputs"]
+    assert entry["files"] == {f.name: sha256_file(f) for f in src.files}
+    # a second pass keeps the first pass's record as its parent
+    second = Checkpoint(tmp_path / "a")
+    record2 = Record("copy", {})
+    record2.add_input(second.folder, second.files, second.provenance)
+    copy_checkpoint(second, tmp_path / "b", record=record2)
+    doc2 = json.loads((tmp_path / "b" / RECORD_NAME).read_text())
+    assert doc2["inputs"][0]["parent"] == doc
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert Checkpoint(tmp_path / "b").get("model.norm.weight").dtype == torch.bfloat16
+
+
+def test_interrupted_write_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError, match="boom"):
+        with CheckpointWriter(tmp_path / "out", max_shard_size=64) as writer:
+            for i in range(5):
+                writer.add(f"t{i}", torch.zeros(32))
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_destination_needs_force(tmp_path):
+    from weightsmith.errors import WeightsmithError
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("old")
+    with pytest.raises(WeightsmithError, match="already exists; pass --force"):
+        with CheckpointWriter(tmp_path / "out") as writer:
+            writer.add("x", torch.ones(2))
+    assert (tmp_path / "out" / "keep.txt").read_text() == "old"
+    with CheckpointWriter(tmp_path / "out", force=True) as writer:
+        writer.add("x", torch.ones(2))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_same_input_gives_byte_identical_output(tmp_path, tiny_llama):
+    for name in ("a", "b"):
+        src = Checkpoint(tiny_llama)
+        record = Record("copy", {})
+        record.add_input(src.folder, src.files, src.provenance)
+        copy_checkpoint(src, tmp_path / name, max_shard_size=4096, record=record)
+    files_a = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files_a == sorted(p.name for p in (tmp_path / "b").iterdir())
+    assert len(files_a) > 5
+    for f in files_a:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def test_lazy_get_maps_only_the_tensor(tiny_llama):
+    ckpt = Checkpoint(tiny_llama)
+    t = ckpt.get("model.layers.0.self_attn.q_proj.weight")
+    assert t.shape == (32, 32) and t.dtype == torch.float32
+    t.mul_(0)  # copy-on-write: the file is untouched
+    assert ckpt.get("model.layers.0.self_attn.q_proj.weight").abs().sum() > 0
+    assert ckpt.num_parameters == sum(i.numel for i in ckpt.tensors.values())
+    names_by_shard = [n for _, names in ckpt.iter_shards() for n in names]
+    assert names_by_shard == ckpt.names() and len(set(names_by_shard)) == len(ckpt.tensors)
+
+
+def test_pickle_checkpoint_loads_only_with_flag(tmp_path, cli):
+    folder = tmp_path / "pkl"
+    folder.mkdir()
+    state = {"w": torch.arange(6.0).view(2, 3), "b": torch.ones(2, dtype=torch.bfloat16)}
+    torch.save(state, folder / "pytorch_model.bin")
+    result = cli("inspect", folder)
+    assert result.exit_code == 2
+    assert f"{folder / 'pytorch_model.bin'}: pickle checkpoint refused" in result.stderr
+    result = cli("copy", folder, tmp_path / "st", "--allow-pickle")
+    assert result.exit_code == 0, result.output
+    ckpt = Checkpoint(tmp_path / "st")
+    assert torch.equal(ckpt.get("w"), state["w"]) and torch.equal(ckpt.get("b"), state["b"])
+    assert os.path.exists(tmp_path / "st" / RECORD_NAME)

@@ -1,0 +1,434 @@
+"""Hugging Face checkpoint folders: read lazily tensor by tensor, write shard by shard, atomically.
+
+A checkpoint folder holds ``config.json``, tokenizer files, ``model.safetensors`` or shards listed by
+``model.safetensors.index.json``, and (when weightsmith wrote it) ``weightsmith.json``, the
+provenance record. Every header and index is validated before any tensor is read (see
+:mod:`weightsmith.stformat`); pickle checkpoints are refused unless explicitly allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+import torch
+
+from weightsmith import provenance
+from weightsmith.errors import WeightsmithError
+from weightsmith.stformat import DTYPES, TORCH_TO_ST, TensorEntry, encode_header, read_header
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+DEFAULT_MAX_SHARD_SIZE = 2 * 1024**3
+#: Files copied from a source checkpoint into an output: configuration and tokenizer.
+SIDECAR_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What the headers say about one tensor; no data read."""
+
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+class Checkpoint:
+    """A validated, lazily read checkpoint folder.
+
+    Construction reads only headers, the index and config.json; :meth:`get` memory-maps one tensor.
+    """
+
+    def __init__(self, folder: str | Path, *, allow_pickle: bool = False) -> None:
+        self.folder = Path(folder)
+        if not self.folder.exists():
+            raise WeightsmithError(self.folder, "no such file or folder")
+        if not self.folder.is_dir():
+            raise WeightsmithError(self.folder, "not a checkpoint folder (a .gguf file? run `weightsmith convert` first)")
+        self.allow_pickle = allow_pickle
+        self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
+        self.files, self.tensors = self._scan()
+        self.config: dict = self._read_config()
+
+    # ---- discovery and validation -------------------------------------------------------------
+    def _scan(self) -> tuple[list[Path], dict[str, TensorInfo]]:
+        index = self.folder / INDEX_NAME
+        if index.exists():
+            files, expected = self._read_index(index)
+            return files, self._read_safetensors(files, expected)
+        single = self.folder / SINGLE_NAME
+        if single.exists():
+            return [single], self._read_safetensors([single], None)
+        loose = sorted(self.folder.glob("*.safetensors"))
+        if loose:
+            return loose, self._read_safetensors(loose, None)
+        pickles = sorted(p for p in self.folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+        if pickles:
+            return pickles, self._read_pickles(pickles)
+        ggufs = sorted(self.folder.glob("*.gguf"))
+        if ggufs:
+            raise WeightsmithError(ggufs[0], "GGUF file: run `weightsmith convert` to make a safetensors checkpoint of it")
+        raise WeightsmithError(self.folder, "no model.safetensors, safetensors shards or index found")
+
+    def _read_index(self, index: Path) -> tuple[list[Path], dict[str, Path]]:
+        try:
+            doc = json.loads(index.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise WeightsmithError(index, f"cannot read the index: {exc}") from None
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise WeightsmithError(index, "index has no weight_map")
+        root = self.folder.resolve()
+        expected: dict[str, Path] = {}
+        for name, fname in weight_map.items():
+            if not isinstance(fname, str) or not fname:
+                raise WeightsmithError(index, f"tensor {name!r}: shard name must be a string")
+            target = (self.folder / fname).resolve()
+            if os.path.isabs(fname) or ".." in Path(fname).parts or target.parent != root:
+                raise WeightsmithError(index, f"tensor {name!r}: shard {fname!r} is outside the checkpoint folder")
+            expected[name] = self.folder / fname
+        files = sorted(set(expected.values()))
+        for file in files:
+            if not file.is_file():
+                raise WeightsmithError(index, f"shard {file.name} is missing")
+        return files, expected
+
+    def _read_safetensors(self, files: list[Path], expected: dict[str, Path] | None) -> dict[str, TensorInfo]:
+        tensors: dict[str, TensorInfo] = {}
+        for file in files:
+            header = read_header(file)
+            for entry in header.tensors.values():
+                if entry.name in tensors:
+                    raise WeightsmithError(file, f"tensor {entry.name!r} is also stored in {tensors[entry.name].file.name}")
+                tensors[entry.name] = _info(entry, file)
+        if expected is not None:
+            for name, file in expected.items():
+                if name not in tensors:
+                    raise WeightsmithError(file, f"tensor {name!r} listed in the index is not in this shard")
+                if tensors[name].file != file:
+                    raise WeightsmithError(
+                        self.folder / INDEX_NAME, f"tensor {name!r} is indexed in {file.name} but stored in {tensors[name].file.name}"
+                    )
+            extra = sorted(set(tensors) - set(expected))
+            if extra:
+                raise WeightsmithError(self.folder / INDEX_NAME, f"tensor {extra[0]!r} is stored in a shard but not indexed")
+        return tensors
+
+    def _read_pickles(self, files: list[Path]) -> dict[str, TensorInfo]:
+        if not self.allow_pickle:
+            raise WeightsmithError(
+                files[0],
+                "pickle checkpoint refused (loading pickle can run arbitrary code); pass --allow-pickle to load it "
+                "with torch.load(weights_only=True)",
+            )
+        tensors: dict[str, TensorInfo] = {}
+        for file in files:
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:  # noqa: BLE001 - any unpickling failure is the file's problem
+                raise WeightsmithError(file, f"cannot load with weights_only=True: {str(exc).splitlines()[0]}") from None
+            if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+                state = state["state_dict"]
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise WeightsmithError(file, "not a state dict of tensors")
+            self._pickled[file] = state
+            for name, tensor in state.items():
+                if name in tensors:
+                    raise WeightsmithError(file, f"tensor {name!r} is also stored in {tensors[name].file.name}")
+                nbytes = tensor.numel() * tensor.element_size()
+                tensors[name] = TensorInfo(name, file, tensor.dtype, tuple(tensor.shape), 0, nbytes)
+        return tensors
+
+    def _read_config(self) -> dict:
+        path = self.folder / "config.json"
+        if not path.exists():
+            return {}
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise WeightsmithError(path, f"not valid JSON: {exc}") from None
+        if not isinstance(config, dict):
+            raise WeightsmithError(path, "not a JSON object")
+        return config
+
+    # ---- queries ------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        """Tensor names in storage order (file by file, offset by offset)."""
+        return [t.name for t in sorted(self.tensors.values(), key=lambda t: (self.files.index(t.file), t.start))]
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise WeightsmithError(self.folder, f"no tensor named {name!r}") from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of tensor data (headers excluded)."""
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def file_bytes(self) -> int:
+        """Size on disk of the weight files."""
+        return sum(f.stat().st_size for f in self.files)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+    @property
+    def provenance(self) -> dict | None:
+        """This folder's own weightsmith.json, when it has one."""
+        path = self.folder / provenance.RECORD_NAME
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise WeightsmithError(path, f"not valid JSON: {exc}") from None
+
+    # ---- data ---------------------------------------------------------------------------------
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor ``name``, memory-mapped (copy-on-write) from its file: only its pages are read,
+        and the mapping is released when the tensor is."""
+        info = self.info(name)
+        if info.file in self._pickled:
+            return self._pickled[info.file][name]
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        raw = np.memmap(info.file, dtype=np.uint8, mode="c", offset=info.start, shape=(info.nbytes,))
+        return torch.from_numpy(raw).view(info.dtype).reshape(info.shape)
+
+    def iter_shards(self) -> Iterator[tuple[Path, list[str]]]:
+        """(file, tensor names in it) in storage order."""
+        by_file: dict[Path, list[str]] = {f: [] for f in self.files}
+        for name in self.names():
+            by_file[self.tensors[name].file].append(name)
+        yield from by_file.items()
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor in storage order, one at a time."""
+        for _, names in self.iter_shards():
+            for name in names:
+                yield name, self.get(name)
+
+
+def _info(entry: TensorEntry, file: Path) -> TensorInfo:
+    return TensorInfo(entry.name, file, DTYPES[entry.dtype][0], entry.shape, entry.start, entry.end)
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    if flat.dtype != torch.uint8:
+        flat = flat.view(torch.uint8)
+    return flat.numpy()
+
+
+class _ShardFile:
+    """One output shard being written: data goes after a reserved header region, so tensors are
+    streamed to disk as they come; the header is written last (or the data shifted if it outgrew
+    the reservation)."""
+
+    def __init__(self, path: Path, reserve: int) -> None:
+        self.path = path
+        self.reserve = reserve
+        self.fh = open(path, "wb")
+        self.entries: list[tuple[str, str, tuple[int, ...], int, int]] = []
+        self.size = 0
+        self.fh.seek(8 + reserve)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        data = _tensor_bytes(tensor)
+        self.entries.append((name, TORCH_TO_ST[tensor.dtype], tuple(tensor.shape), self.size, self.size + data.nbytes))
+        self.fh.write(memoryview(data))
+        self.size += data.nbytes
+
+    def close(self) -> None:
+        header = encode_header(self.entries, {"format": "pt"}, reserve=self.reserve)
+        if len(header) == 8 + self.reserve:
+            self.fh.seek(0)
+            self.fh.write(header)
+            self.fh.close()
+            return
+        self.fh.close()
+        shifted = self.path.with_suffix(".shift")
+        with open(self.path, "rb") as src, open(shifted, "wb") as dst:
+            dst.write(header)
+            src.seek(8 + self.reserve)
+            shutil.copyfileobj(src, dst, 16 * 1024 * 1024)
+        os.replace(shifted, self.path)
+
+
+class CheckpointWriter:
+    """Write a checkpoint folder atomically: into a temporary folder beside ``dest``, renamed into
+    place only when the ``with`` block completes without error.
+
+    Tensors are written as they come (:meth:`add`), cut into shards at ``max_shard_size`` bytes.
+    ``source`` names the folder whose config and tokenizer files are copied (``config`` overrides its
+    config.json). ``record`` becomes weightsmith.json.
+    """
+
+    def __init__(
+        self,
+        dest: str | Path,
+        *,
+        force: bool = False,
+        max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+        source: str | Path | None = None,
+        config: dict | None = None,
+        record: provenance.Record | None = None,
+        header_reserve: int = 64 * 1024,
+    ) -> None:
+        self.dest = Path(dest)
+        self.force = force
+        if max_shard_size <= 0:
+            raise WeightsmithError(None, f"max shard size must be positive, got {max_shard_size}")
+        self.max_shard_size = max_shard_size
+        self.source = Path(source) if source is not None else None
+        self.config = config
+        self.record = record
+        self.header_reserve = header_reserve + (-header_reserve) % 8
+        self.tmp: Path | None = None
+        self._shards: list[_ShardFile] = []
+        self._names: set[str] = set()
+
+    def __enter__(self) -> CheckpointWriter:
+        if self.dest.exists() and not self.force:
+            raise WeightsmithError(self.dest, "already exists; pass --force to overwrite it")
+        parent = self.dest.absolute().parent
+        if not parent.is_dir():
+            raise WeightsmithError(self.dest, f"parent folder {parent} does not exist")
+        self.tmp = parent / f".{self.dest.name}.weightsmith-tmp-{uuid.uuid4().hex[:12]}"
+        self.tmp.mkdir()
+        return self
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Append one tensor to the output."""
+        assert self.tmp is not None, "use CheckpointWriter as a context manager"
+        if name in self._names:
+            raise ValueError(f"tensor {name!r} written twice")
+        if tensor.dtype not in TORCH_TO_ST:
+            raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} cannot be stored in safetensors")
+        self._names.add(name)
+        nbytes = tensor.numel() * tensor.element_size()
+        if not self._shards or (self._shards[-1].entries and self._shards[-1].size + nbytes > self.max_shard_size):
+            if self._shards:
+                self._shards[-1].close()
+            self._shards.append(_ShardFile(self.tmp / f"shard-{len(self._shards):05d}.tmp", self.header_reserve))
+        self._shards[-1].add(name, tensor)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        assert self.tmp is not None
+        try:
+            if exc_type is None:
+                self._finish()
+        except BaseException:
+            self._discard()
+            raise
+        if exc_type is not None:
+            self._discard()
+            return
+        self._publish()
+
+    def _discard(self) -> None:
+        for shard in self._shards:
+            if not shard.fh.closed:
+                shard.fh.close()
+        if self.tmp is not None and self.tmp.exists():
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _finish(self) -> None:
+        assert self.tmp is not None
+        if not self._shards:
+            raise ValueError("no tensors were written")
+        self._shards[-1].close()
+        n = len(self._shards)
+        names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        weight_map: dict[str, str] = {}
+        for shard, fname in zip(self._shards, names):
+            os.replace(shard.path, self.tmp / fname)
+            for entry in shard.entries:
+                weight_map[entry[0]] = fname
+        if n > 1:
+            total = sum(shard.size for shard in self._shards)
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            _write_json(self.tmp / INDEX_NAME, index)
+        if self.source is not None:
+            for fname in SIDECAR_FILES:
+                src = self.source / fname
+                if src.is_file() and not (fname == "config.json" and self.config is not None):
+                    shutil.copyfile(src, self.tmp / fname)
+        if self.config is not None:
+            _write_json(self.tmp / "config.json", self.config)
+        if self.record is not None:
+            _write_json(self.tmp / provenance.RECORD_NAME, self.record.finish())
+
+    def _publish(self) -> None:
+        assert self.tmp is not None
+        old = None
+        if self.dest.exists():
+            old = self.tmp.parent / f".{self.dest.name}.weightsmith-old-{uuid.uuid4().hex[:12]}"
+            os.replace(self.dest, old)
+        os.replace(self.tmp, self.dest)
+        if old is not None:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        log.info("wrote %s", self.dest)
+
+
+def _write_json(path: Path, doc: dict) -> None:
+    path.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def copy_checkpoint(src: Checkpoint, dest: str | Path, *, dtype: torch.dtype | None = None, **writer_args) -> Path:
+    """The identity pass (optionally casting floating tensors to ``dtype``): tensor by tensor."""
+    config = None
+    if dtype is not None:
+        config = dict(src.config)
+        keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["dtype"]
+        for key in keys:
+            config[key] = str(dtype).removeprefix("torch.")
+    with CheckpointWriter(dest, source=src.folder, config=config, **writer_args) as writer:
+        for name, tensor in src.iter_tensors():
+            if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                tensor = tensor.to(dtype)
+            writer.add(name, tensor)
+    return Path(dest)

@@ -1,0 +1,70 @@
+"""Resolving a model argument (folder, GGUF file or hub id) and loading it with transformers."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+from weightsmith.errors import WeightsmithError
+
+log = logging.getLogger(__name__)
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+#: What we fetch of a hub repository: safetensors weights, configuration, tokenizer. Never pickle.
+HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise WeightsmithError(None, f"unknown dtype {name!r}; choose from fp32, fp16, bf16") from None
+
+
+def resolve(spec: str | Path) -> Path:
+    """A local checkpoint folder as is; a hub id (``HuggingFaceTB/SmolLM2-135M``) fetched with
+    huggingface_hub (safetensors and config only) into its cache."""
+    path = Path(spec)
+    if path.exists():
+        return path
+    text = str(spec)
+    if HUB_ID.match(text):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(text, allow_patterns=HUB_PATTERNS))
+        except Exception as exc:  # noqa: BLE001 - network and hub errors come in many types
+            raise WeightsmithError(text, f"not a local folder, and fetching it from the hub failed: {str(exc).splitlines()[0]}") from None
+    raise WeightsmithError(text, "no such file or folder")
+
+
+def load_model(folder: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """A transformers causal LM from a checkpoint folder, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        raise WeightsmithError(folder, f"transformers cannot load it: {str(exc).splitlines()[0]}") from None
+    return model.to(device).eval()
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as exc:
+        raise WeightsmithError(folder, f"no usable tokenizer: {str(exc).splitlines()[0]}") from None

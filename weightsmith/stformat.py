@@ -1,0 +1,182 @@
+"""The safetensors file format, parsed strictly: files from the internet are untrusted.
+
+Layout (https://github.com/huggingface/safetensors): 8 bytes little-endian header length N, N bytes of
+JSON ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}``
+(possibly right-padded with spaces), then the data buffer; offsets are relative to the buffer and the
+tensors tile it exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from weightsmith.errors import WeightsmithError
+
+#: safetensors dtype name -> (torch dtype, bytes per element)
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U64": (torch.uint64, 8),
+    "U32": (torch.uint32, 4),
+    "U16": (torch.uint16, 2),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+    "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1),
+}
+TORCH_TO_ST: dict[torch.dtype, str] = {dt: name for name, (dt, _) in DTYPES.items()}
+
+#: The safetensors library itself refuses headers above 100 MB.
+MAX_HEADER_BYTES = 100_000_000
+HEADER_PREFIX = 8
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives inside a safetensors file (absolute byte offsets)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype][0]
+
+
+@dataclass(frozen=True)
+class Header:
+    """A validated safetensors header."""
+
+    tensors: dict[str, TensorEntry]
+    metadata: dict[str, str]
+    data_start: int
+
+
+def parse_header(prefix: bytes, file_size: int, where: str | Path) -> Header:
+    """Validate a safetensors header and return where every tensor lives.
+
+    ``prefix`` holds at least the first 8 + N bytes of the file (or all of it when shorter);
+    ``file_size`` is the file's size. Raises :class:`WeightsmithError` naming ``where`` on any problem.
+    """
+    if file_size < HEADER_PREFIX or len(prefix) < HEADER_PREFIX:
+        raise WeightsmithError(where, f"truncated safetensors file: {file_size} bytes, shorter than the 8-byte header length")
+    (n,) = struct.unpack("<Q", prefix[:HEADER_PREFIX])
+    if n > file_size - HEADER_PREFIX:
+        raise WeightsmithError(where, f"header length {n} runs past the end of the file ({file_size} bytes)")
+    if n > MAX_HEADER_BYTES:
+        raise WeightsmithError(where, f"header length {n} is above the 100 MB limit")
+    if len(prefix) < HEADER_PREFIX + n:
+        raise WeightsmithError(where, "truncated safetensors header")
+    raw = prefix[HEADER_PREFIX : HEADER_PREFIX + n]
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise WeightsmithError(where, f"header is not valid JSON ({type(exc).__name__})") from None
+    if not isinstance(doc, dict):
+        raise WeightsmithError(where, "header is not a JSON object")
+    data_start = HEADER_PREFIX + n
+    data_size = file_size - data_start
+    metadata = doc.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise WeightsmithError(where, "__metadata__ must map strings to strings")
+    tensors: dict[str, TensorEntry] = {}
+    for name, spec in doc.items():
+        tensors[name] = _parse_entry(name, spec, data_start, where)
+    _check_tiling(tensors.values(), data_start, data_size, where)
+    return Header(tensors=tensors, metadata=metadata, data_start=data_start)
+
+
+def _parse_entry(name: str, spec: object, data_start: int, where: str | Path) -> TensorEntry:
+    if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
+        raise WeightsmithError(where, f"tensor {name!r}: entry must have exactly dtype, shape and data_offsets")
+    dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise WeightsmithError(where, f"tensor {name!r}: unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise WeightsmithError(where, f"tensor {name!r}: shape must be a list of non-negative integers")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_int(o) and o >= 0 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise WeightsmithError(where, f"tensor {name!r}: data_offsets must be two ordered non-negative integers")
+    expected = math.prod(shape) * DTYPES[dtype][1]
+    if offsets[1] - offsets[0] != expected:
+        raise WeightsmithError(
+            where,
+            f"tensor {name!r}: {offsets[1] - offsets[0]} bytes stored but shape {shape} x {dtype} needs {expected}",
+        )
+    return TensorEntry(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_tiling(entries, data_start: int, data_size: int, where: str | Path) -> None:
+    """Tensors must lie inside the buffer, must not overlap, and must cover it with no gap."""
+    cursor = data_start
+    previous = None
+    for entry in sorted(entries, key=lambda e: (e.start, e.end)):
+        if entry.end > data_start + data_size:
+            raise WeightsmithError(
+                where, f"tensor {entry.name!r}: data offsets run past the end of the file ({data_start + data_size} bytes)"
+            )
+        if entry.start < cursor:
+            raise WeightsmithError(where, f"tensor {entry.name!r}: data overlaps tensor {previous!r}")
+        if entry.start > cursor:
+            raise WeightsmithError(where, f"tensor {entry.name!r}: {entry.start - cursor} unused bytes before its data")
+        cursor, previous = entry.end, entry.name
+    if cursor != data_start + data_size:
+        raise WeightsmithError(where, f"{data_start + data_size - cursor} bytes after the last tensor belong to no tensor")
+
+
+def encode_header(entries: list[tuple[str, str, tuple[int, ...], int, int]], metadata: dict[str, str], reserve: int = 0) -> bytes:
+    """Encode a header (8-byte length + JSON), padded with spaces to ``reserve`` bytes of JSON when larger,
+    and to a multiple of 8 so the data buffer is aligned. Entries are (name, dtype, shape, begin, end)."""
+    doc: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
+    for name, dtype, shape, begin, end in entries:
+        doc[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
+    raw = json.dumps(doc, separators=(",", ":")).encode("utf-8")
+    size = max(len(raw), reserve)
+    size += (-(size + HEADER_PREFIX)) % 8
+    return struct.pack("<Q", size) + raw + b" " * (size - len(raw))
+
+
+def read_header(path: Path) -> Header:
+    """Read and validate the header of the safetensors file at ``path``."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(HEADER_PREFIX)
+            if len(head) == HEADER_PREFIX:
+                (n,) = struct.unpack("<Q", head)
+                if n <= size - HEADER_PREFIX and n <= MAX_HEADER_BYTES:
+                    head += fh.read(n)
+    except OSError as exc:
+        raise WeightsmithError(path, f"cannot read: {exc.strerror or exc}") from None
+    return parse_header(head, size, path)
