@@ -23,8 +23,9 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+# The slow tests reuse the default model from the user cache (fetched once by `make demo`).
 test-slow: venv
-	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+	WEIGHTSMITH_TEST_CACHE=$${XDG_CACHE_HOME:-$$HOME/.cache} $(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
 bench: venv
 	$(BIN)/python bench/io.py

@@ -282,6 +282,21 @@ class _ShardFile:
         self.fh.write(memoryview(data))
         self.size += data.nbytes
 
+    def add_raw(self, name: str, info: TensorInfo) -> None:
+        """Append a tensor by copying its bytes file to file in the kernel (copy_file_range)."""
+        self.entries.append((name, TORCH_TO_ST[info.dtype], info.shape, self.size, self.size + info.nbytes))
+        self.fh.flush()
+        with open(info.file, "rb") as src:
+            offset, remaining = info.start, info.nbytes
+            while remaining:
+                sent = os.copy_file_range(src.fileno(), self.fh.fileno(), remaining, offset)
+                if sent == 0:
+                    raise WeightsmithError(info.file, f"tensor {name!r}: file ended while copying")
+                offset += sent
+                remaining -= sent
+        self.fh.seek(0, os.SEEK_END)
+        self.size += info.nbytes
+
     def close(self) -> None:
         header = encode_header(self.entries, {"format": "pt"}, reserve=self.reserve)
         if len(header) == 8 + self.reserve:
@@ -343,18 +358,32 @@ class CheckpointWriter:
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Append one tensor to the output."""
-        assert self.tmp is not None, "use CheckpointWriter as a context manager"
         if name in self._names:
             raise ValueError(f"tensor {name!r} written twice")
         if tensor.dtype not in TORCH_TO_ST:
             raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} cannot be stored in safetensors")
+        self._shard_for(name, tensor.numel() * tensor.element_size()).add(name, tensor)
+
+    def copy_from(self, checkpoint: Checkpoint, name: str, as_name: str | None = None) -> None:
+        """Append ``name`` from ``checkpoint`` unchanged. Bytes go file to file in the kernel when
+        the source is safetensors, without passing through Python."""
+        info = checkpoint.info(name)
+        if info.file in checkpoint._pickled or not hasattr(os, "copy_file_range"):
+            self.add(as_name or name, checkpoint.get(name))
+            return
+        as_name = as_name or name
+        if as_name in self._names:
+            raise ValueError(f"tensor {as_name!r} written twice")
+        self._shard_for(as_name, info.nbytes).add_raw(as_name, info)
+
+    def _shard_for(self, name: str, nbytes: int) -> _ShardFile:
+        assert self.tmp is not None, "use CheckpointWriter as a context manager"
         self._names.add(name)
-        nbytes = tensor.numel() * tensor.element_size()
         if not self._shards or (self._shards[-1].entries and self._shards[-1].size + nbytes > self.max_shard_size):
             if self._shards:
                 self._shards[-1].close()
             self._shards.append(_ShardFile(self.tmp / f"shard-{len(self._shards):05d}.tmp", self.header_reserve))
-        self._shards[-1].add(name, tensor)
+        return self._shards[-1]
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         assert self.tmp is not None
@@ -427,8 +456,10 @@ def copy_checkpoint(src: Checkpoint, dest: str | Path, *, dtype: torch.dtype | N
         for key in keys:
             config[key] = str(dtype).removeprefix("torch.")
     with CheckpointWriter(dest, source=src.folder, config=config, **writer_args) as writer:
-        for name, tensor in src.iter_tensors():
-            if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-                tensor = tensor.to(dtype)
-            writer.add(name, tensor)
+        for name in src.names():
+            info = src.info(name)
+            if dtype is not None and info.dtype.is_floating_point and info.dtype != dtype:
+                writer.add(name, src.get(name).to(dtype))
+            else:
+                writer.copy_from(src, name)
     return Path(dest)

@@ -1,0 +1,60 @@
+"""The CLI: inspect from headers, copy / reshard / cast, refusal to overwrite."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from weightsmith.checkpoint import Checkpoint
+
+
+def test_inspect_json_reports_headers(tiny_llama, cli):
+    result = cli("inspect", tiny_llama, "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    ckpt = Checkpoint(tiny_llama)
+    assert info["architecture"] == "LlamaForCausalLM" and info["layers"] == 2 and info["hidden_size"] == 32
+    assert info["parameters"] == ckpt.num_parameters
+    assert info["dtypes"] == {"float32": {"tensors": len(ckpt.tensors), "parameters": ckpt.num_parameters, "bytes": 4 * ckpt.num_parameters}}
+    vocab = ckpt.config["vocab_size"]
+    assert info["largest"][0]["bytes"] == vocab * 32 * 4
+    assert info["largest"][0]["name"] in ("lm_head.weight", "model.embed_tokens.weight")
+    assert info["quantization_config"] is None
+    assert info["size_bytes"] == (tiny_llama / "model.safetensors").stat().st_size
+
+
+def test_inspect_table(tiny_llama, cli):
+    result = cli("inspect", tiny_llama)
+    assert result.exit_code == 0
+    assert "LlamaForCausalLM" in result.stdout and "largest tensors" in result.stdout and "dtype mix" in result.stdout
+
+
+def test_copy_casts_and_reshards(tiny_llama, tmp_path, cli):
+    out = tmp_path / "bf16"
+    result = cli("copy", tiny_llama, out, "--dtype", "bf16", "--max-shard-size", "10KB")
+    assert result.exit_code == 0, result.output
+    src, dst = Checkpoint(tiny_llama), Checkpoint(out)
+    assert len(dst.files) > 1 and (out / "model.safetensors.index.json").exists()
+    for name in src.names():
+        assert torch.equal(dst.get(name), src.get(name).to(torch.bfloat16))
+    assert (out / "tokenizer.json").read_bytes() == (tiny_llama / "tokenizer.json").read_bytes()
+    again = cli("copy", tiny_llama, out)
+    assert again.exit_code == 2 and again.stderr.strip() == f"error: {out}: already exists; pass --force to overwrite it"
+    assert cli("copy", tiny_llama, out, "--force").exit_code == 0
+    assert len(Checkpoint(out).files) == 1
+
+
+def test_bad_size_and_dtype_are_one_line(tiny_llama, tmp_path, cli):
+    result = cli("copy", tiny_llama, tmp_path / "x", "--max-shard-size", "lots")
+    assert result.exit_code == 2 and "cannot read size 'lots'" in result.stderr
+    result = cli("copy", tiny_llama, tmp_path / "x", "--dtype", "fp8")
+    assert result.exit_code == 2 and "unknown dtype 'fp8'" in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_help_explains_commands(cli):
+    result = cli("--help")
+    assert result.exit_code == 0
+    for name in ("inspect", "eval", "convert", "copy", "fetch-demo-model", "demo"):
+        assert name in result.stdout
