@@ -271,5 +271,111 @@ def demo_cmd(
     out.print(f"protocol: {report.protocol}; {report.positions} scored positions", highlight=False)
 
 
+def parse_override(text: str):
+    """'PATTERN:bits=8,group_size=-1,method=rtn' or 'PATTERN:skip' -> an Override."""
+    from pydantic import ValidationError
+
+    from compress.config import Override
+
+    pattern, _, settings = text.rpartition(":") if ":" in text.removeprefix("re:") else (text, "", "")
+    if not pattern:
+        raise WeightsmithError(None, f"override {text!r}: write PATTERN:key=value,... (keys: method, bits, group_size, symmetric) or PATTERN:skip")
+    fields: dict[str, object] = {"match": pattern}
+    for item in filter(None, settings.split(",")):
+        key, eq, value = item.partition("=")
+        if key == "skip" and not eq:
+            fields["skip"] = True
+            continue
+        if not eq:
+            raise WeightsmithError(None, f"override {text!r}: {item!r} is not key=value")
+        fields[key] = value
+    try:
+        return Override(**fields)
+    except ValidationError as exc:
+        raise WeightsmithError(None, f"override {text!r}: {validation_message(exc)}") from None
+
+
+def validation_message(exc) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    return f"{where}: {first['msg']}" if where else first["msg"]
+
+
+@command("quantize")
+def quantize_cmd(
+    model: Annotated[str, typer.Argument(help="Checkpoint folder or hub id.")],
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="Checkpoint folder to write.")],
+    method: Annotated[str, typer.Option("--method", help="rtn (data-free), gptq or awq.")] = "gptq",
+    bits: Annotated[int, typer.Option("--bits", help="2, 3, 4 or 8.")] = 4,
+    group_size: Annotated[int, typer.Option("--group-size", help="Columns per scale; -1 = one scale per output channel. A size that does not divide the width gives a shorter last group.")] = 128,
+    sym: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric grid, or asymmetric with integer zero points.")] = True,
+    act_order: Annotated[bool, typer.Option("--act-order", help="GPTQ: process columns by decreasing Hessian diagonal (static groups).")] = False,
+    clip: Annotated[bool, typer.Option("--clip", help="MSE-optimal clipping search per group (always on for AWQ).")] = False,
+    damp: Annotated[float, typer.Option("--damp", help="GPTQ dampening, a fraction of the mean Hessian diagonal.")] = 0.01,
+    calib: Annotated[Path | None, typer.Option("--calib", help="Calibration text file or folder (default: WikiText-2 calibration split from the assets).")] = None,
+    samples: Annotated[int, typer.Option("--samples", help="Calibration blocks.")] = 128,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration block.")] = 512,
+    awq_samples: Annotated[int, typer.Option("--awq-samples", help="AWQ: calibration blocks used in the scale search.")] = 16,
+    targets: Annotated[list[str] | None, typer.Option("--target", help="Module to quantize (name, suffix or re:regex); repeatable. Default: the decoder linears.")] = None,
+    ignore: Annotated[list[str] | None, typer.Option("--ignore", help="Module to leave alone; repeatable. Default: embeddings and lm_head.")] = None,
+    overrides: Annotated[list[str] | None, typer.Option("--override", help="Per-module settings, e.g. 'down_proj:bits=8' or 're:.*\\.0\\..*:skip'; repeatable, first match wins.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="dense (dequantized, original dtype) or packed (compressed-tensors pack-quantized).")] = "dense",
+    seed: Annotated[int, typer.Option("--seed", help="Seed for calibration sampling.")] = 0,
+    eval_text: Annotated[Path | None, typer.Option("--eval", help="Evaluate before and after on this text (pinned protocol).")] = None,
+    force: Force = False,
+    max_shard_size: ShardSize = "2GB",
+) -> None:
+    """Quantize a model with RTN, GPTQ or AWQ; write it dense or packed."""
+    from pydantic import ValidationError
+
+    from compress.config import QuantizeConfig
+    from compress.quantize import calibration_tokens, quantize_checkpoint
+
+    fields = dict(
+        method=method, bits=bits, group_size=group_size, symmetric=sym, act_order=act_order, clip=clip, damp=damp,
+        calib=str(calib) if calib else None, samples=samples, seq_len=seq_len, awq_samples=awq_samples, format=fmt, seed=seed,
+        targets=targets or None, overrides=[parse_override(o) for o in overrides or []],
+    )
+    if ignore:
+        fields["ignore"] = ignore
+    try:
+        config = QuantizeConfig(**fields)
+    except ValidationError as exc:
+        raise WeightsmithError(None, validation_message(exc)) from None
+    src = open_checkpoint(model)
+    start = time.perf_counter()
+    tokens = None
+    if config.calibrated:
+        with err.status("tokenizing calibration text"):
+            tokens = calibration_tokens(src, config)
+    with progress_bar() as bar:
+        task = bar.add_task(f"{config.method} layers" if config.calibrated else "rtn tensors", total=None)
+        report = quantize_checkpoint(
+            src, out_dir, config, force=force, max_shard_size=parse_size(max_shard_size), calib_tokens=tokens,
+            progress=lambda i, n, _d: bar.update(task, completed=i, total=n),
+        )
+    seconds = time.perf_counter() - start
+    from weightsmith.checkpoint import Checkpoint
+
+    after = Checkpoint(out_dir)
+    table = Table(title=f"{config.method} W{config.bits} g{config.group_size} {'sym' if config.symmetric else 'asym'} ({config.format})")
+    for col in ("", "size", "bits/weight (quantized linears)", "linears", "time"):
+        table.add_column(col, justify="right")
+    table.add_row("before", human_bytes(src.file_bytes), "-", "-", "-")
+    table.add_row("after", human_bytes(after.file_bytes), f"{report.bits_per_weight:.3f}", str(report.quantized), f"{seconds:.1f} s")
+    out.print(table)
+    if report.ragged:
+        out.print(f"{len(report.ragged)} linear(s) have a shorter last group (width not a multiple of {config.group_size}).")
+    if eval_text is not None:
+        from weightsmith.evaluate import Protocol, evaluate
+
+        reports = []
+        with progress_bar() as bar:
+            for label, folder, ref in (("before", src.folder, None), ("after", after.folder, src.folder)):
+                task = bar.add_task(f"evaluating {label}", total=None)
+                reports.append(evaluate(folder, eval_text, Protocol(), ref, progress=lambda i, n, t=task: bar.update(t, completed=i, total=n)))
+        out.print(report_table(reports, labels=["before", "after"], title=f"pinned protocol on {eval_text}"))
+
+
 def main() -> None:
     app()

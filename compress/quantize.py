@@ -1,0 +1,345 @@
+"""The quantize pass: RTN (streaming), GPTQ and AWQ (layer by layer), written dense or packed.
+
+``quantize_checkpoint`` reads one checkpoint folder and writes one. RTN needs no model: it walks the
+tensors. GPTQ and AWQ run the decoder layers one at a time on calibration tokens
+(:mod:`weightsmith.calibrate`). Every quantized linear becomes a :class:`compress.grid.QuantizedTensor`,
+from which the output format is written: ``dense`` (dequantized weights in the model dtype) or
+``packed`` (compressed-tensors ``pack-quantized``, loadable by transformers and vLLM).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compress.awq import awq_clip_ratios, fold_scales_into_linear, fold_scales_into_norm, scale_input_channels, search_awq_scales
+from compress.config import LinearSettings, QuantizeConfig
+from compress.gptq import accumulate_hessian, gptq_quantize
+from compress.grid import QuantGrid, QuantizedTensor, mse_clip_search, quantize
+from compress.pack import quantization_config, ragged_group_reason, to_compressed_tensors
+from weightsmith.arch import ARCHITECTURES, Arch, ScaleGroup
+from weightsmith.calibrate import LayerStep, LayerwiseRunner, get_module, input_hooks, layer_output
+from weightsmith.checkpoint import Checkpoint, CheckpointWriter
+from weightsmith.errors import WeightsmithError
+from weightsmith.provenance import Record
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, str], None]
+CALIB_ASSET = "text/wikitext2-test-calib.raw"
+
+
+@dataclass
+class QuantReport:
+    """What the pass measured: figures for weightsmith.json and the CLI's closing table."""
+
+    quantized: int = 0
+    quantized_params: int = 0
+    packed_bits: float = 0.0
+    gptq_loss: float = 0.0
+    ragged: list[str] = field(default_factory=list)
+
+    def add(self, q: QuantizedTensor) -> None:
+        n = q.shape[0] * q.shape[1]
+        self.quantized += 1
+        self.quantized_params += n
+        self.packed_bits += q.bits_per_weight * n
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Storage bits per weight of the quantized linears in the packed layout."""
+        return self.packed_bits / max(self.quantized_params, 1)
+
+    def figures(self) -> dict:
+        return {
+            "quantized_linears": self.quantized,
+            "quantized_parameters": self.quantized_params,
+            "bits_per_weight": round(self.bits_per_weight, 4),
+            "gptq_loss": self.gptq_loss,
+        }
+
+
+def module_of(tensor_name: str) -> str | None:
+    """``x.y.weight`` -> ``x.y``; None for tensors that are not a weight."""
+    return tensor_name[: -len(".weight")] if tensor_name.endswith(".weight") else None
+
+
+def select_linears(ckpt: Checkpoint, config: QuantizeConfig) -> dict[str, LinearSettings]:
+    """Module name -> settings for every weight the pass quantizes. Known architectures default to
+    their decoder-layer linears; others to every 2-D floating weight (embeddings and heads excluded)."""
+    arch = ARCHITECTURES.get(ckpt.config.get("model_type"))
+    chosen: dict[str, LinearSettings] = {}
+    for name in ckpt.names():
+        module, info = module_of(name), ckpt.info(name)
+        if module is None or len(info.shape) != 2 or not info.dtype.is_floating_point:
+            continue
+        if not config.selection.selects(module, arch.linears if arch else None):
+            continue
+        settings = config.settings_for(module)
+        if settings is not None:
+            chosen[module] = settings
+    if not chosen:
+        raise WeightsmithError(ckpt.folder, "no weight matches the targets; nothing to quantize")
+    return chosen
+
+
+def emit(writer: CheckpointWriter, module: str, q: QuantizedTensor, dtype: torch.dtype, fmt: str) -> None:
+    """Write one quantized linear in the chosen format."""
+    if fmt == "dense":
+        writer.add(f"{module}.weight", q.dequantize().to(dtype))
+        return
+    for name, tensor in to_compressed_tensors(q, module, allow_ragged=True).items():
+        writer.add(name, tensor)
+
+
+def packed_config(config: dict, linears: dict[str, LinearSettings], ragged: list[str], act_order: bool) -> dict:
+    """config.json with a ``quantization_config`` grouping the quantized linears by grid."""
+    by_grid: dict[QuantGrid, list[str]] = {}
+    for module, settings in linears.items():
+        by_grid.setdefault(settings.grid, []).append(module)
+    metadata = {"ragged_last_group": ragged} if ragged else None
+    block: dict | None = None
+    for i, (grid, modules) in enumerate(by_grid.items()):
+        part = quantization_config(grid, targets=modules, ignore=[], actorder="weight" if act_order else None, metadata=metadata)
+        group = part["config_groups"]["group_0"]
+        if block is None:
+            block = {**part, "config_groups": {}}
+        block["config_groups"][f"group_{i}"] = group
+    return {**config, "quantization_config": block}
+
+
+def quantize_checkpoint(
+    src: Checkpoint,
+    dest: Path,
+    config: QuantizeConfig,
+    *,
+    force: bool = False,
+    max_shard_size: int | None = None,
+    calib_tokens: torch.Tensor | None = None,
+    progress: Progress | None = None,
+    record: Record | None = None,
+) -> QuantReport:
+    """Quantize ``src`` into the checkpoint folder ``dest``. ``calib_tokens`` ([samples, seq_len]) is
+    required for GPTQ and AWQ (see :func:`calibration_tokens`)."""
+    linears = select_linears(src, config)
+    report = QuantReport()
+    report.ragged = sorted(m for m, s in linears.items() if ragged_group_reason(s.grid, src.info(f"{m}.weight").shape[1]))
+    out_config = packed_config(src.config, linears, report.ragged, config.act_order) if config.format == "packed" else None
+    record = record or Record("quantize", config.model_dump(mode="json"), seed=config.seed)
+    record.add_input(src.folder, src.files, src.provenance)
+    writer_args = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    with CheckpointWriter(dest, force=force, source=src.folder, config=out_config, record=record, **writer_args) as writer:
+        if config.calibrated:
+            if calib_tokens is None:
+                raise WeightsmithError(None, f"{config.method} needs calibration tokens")
+            _layerwise(src, writer, config, linears, calib_tokens, report, progress)
+        else:
+            _streaming(src, writer, config, linears, report, progress)
+        record.figures.update(report.figures())
+    return report
+
+
+def _rtn(w: torch.Tensor, grid: QuantGrid, clip: bool, dtype: torch.dtype, importance: torch.Tensor | None = None) -> QuantizedTensor:
+    w = w.to(dtype)
+    ratios = mse_clip_search(w, grid, importance=importance) if clip else None
+    return quantize(w, grid, ratios)
+
+
+def _streaming(src: Checkpoint, writer: CheckpointWriter, config: QuantizeConfig, linears: dict[str, LinearSettings], report: QuantReport, progress: Progress | None) -> None:
+    names = src.names()
+    for i, name in enumerate(names):
+        module = module_of(name)
+        if module in linears:
+            q = _rtn(src.get(name), linears[module].grid, config.clip, src.info(name).dtype)
+            report.add(q)
+            emit(writer, module, q, src.info(name).dtype, config.format)
+        else:
+            writer.copy_from(src, name)
+        if progress is not None:
+            progress(i + 1, len(names), "rtn")
+
+
+def _layerwise(
+    src: Checkpoint,
+    writer: CheckpointWriter,
+    config: QuantizeConfig,
+    linears: dict[str, LinearSettings],
+    tokens: torch.Tensor,
+    report: QuantReport,
+    progress: Progress | None,
+) -> None:
+    runner = LayerwiseRunner(src, tokens, batch_size=config.batch_size)
+    arch = runner.arch
+    layer_prefixes = tuple(arch.layer_prefix(i) for i in range(runner.num_layers))
+    for name in src.names():
+        if not name.startswith(layer_prefixes):
+            module = module_of(name)
+            if module in linears:  # a selected weight outside the decoder layers (e.g. lm_head): RTN
+                q = _rtn(src.get(name), linears[module].grid, config.clip, src.info(name).dtype)
+                report.add(q)
+                emit(writer, module, q, src.info(name).dtype, config.format)
+            else:
+                writer.copy_from(src, name)
+    for step in runner:
+        quantized = _quantize_layer(step, arch, src, config, linears, report)
+        _write_layer(step, src, writer, quantized, config.format)
+        if progress is not None:
+            progress(step.index + 1, runner.num_layers, config.method)
+
+
+def _quantize_layer(
+    step: LayerStep, arch: Arch, src: Checkpoint, config: QuantizeConfig, linears: dict[str, LinearSettings], report: QuantReport
+) -> dict[str, QuantizedTensor]:
+    """Quantize every selected linear of one loaded layer; leaves the dequantized weights in the
+    module so that the runner propagates the quantization error to the next layer."""
+    mine = {lin: linears[step.prefix + lin] for lin in arch.linears if step.prefix + lin in linears}
+    clip_inputs = _apply_awq(step, arch, config, mine) if any(s.method == "awq" for s in mine.values()) else {}
+    hessians = _hessians(step, [lin for lin, s in mine.items() if s.method == "gptq"])
+    quantized: dict[str, QuantizedTensor] = {}
+    for lin, settings in mine.items():
+        module = get_module(step.module, lin)
+        dtype = src.info(f"{step.prefix}{lin}.weight").dtype
+        w = module.weight.data
+        if settings.method == "gptq":
+            clip = mse_clip_search(w.to(dtype), settings.grid) if config.clip else None
+            q, loss = gptq_quantize(
+                w.to(dtype), hessians[lin], settings.grid, damp=config.damp, block_size=config.block_size, act_order=config.act_order, clip=clip
+            )
+            report.gptq_loss += loss
+        elif settings.method == "awq" and lin in clip_inputs:
+            q = quantize(w.to(dtype), settings.grid, awq_clip_ratios(w.to(dtype), clip_inputs[lin], settings.grid))
+        else:
+            q = _rtn(w, settings.grid, config.clip or settings.method == "awq", dtype)
+        module.weight.data = q.dequantize().to(w.dtype)
+        report.add(q)
+        quantized[lin] = q
+    return quantized
+
+
+def _batches(step: LayerStep, limit: int | None = None):
+    """(hidden, kwargs) pairs of the layer's inputs, the first ``limit`` samples at most."""
+    seen = 0
+    for hidden, kwargs in zip(step.inputs.hidden, step.inputs.kwargs):
+        if limit is not None and seen >= limit:
+            return
+        yield hidden, kwargs
+        seen += hidden.shape[0]
+
+
+@torch.inference_mode()
+def _hessians(step: LayerStep, names: list[str]) -> dict[str, torch.Tensor]:
+    """GPTQ's input Hessians of the named linears, from one pass over the calibration batches."""
+    if not names:
+        return {}
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def collect(name: str, x: torch.Tensor) -> None:
+        sums[name], counts[name] = accumulate_hessian(sums.get(name), x, counts.get(name, 0))
+
+    with input_hooks(step.module, tuple(names), collect):
+        for hidden, kwargs in _batches(step):
+            step.module(hidden, **kwargs)
+    return sums
+
+
+@torch.inference_mode()
+def _apply_awq(step: LayerStep, arch: Arch, config: QuantizeConfig, mine: dict[str, LinearSettings]) -> dict[str, torch.Tensor]:
+    """Search and fold AWQ scales for every scale group whose linears all use AWQ; returns the
+    scaled inputs of each scaled linear (for the clipping search)."""
+    groups = [g for g in arch.scale_groups if all(mine.get(lin) is not None and mine[lin].method == "awq" for lin in g.linears)]
+    if not groups:
+        return {}
+    inputs: dict[str, list[torch.Tensor]] = {}
+    block_calls: dict[str, list[tuple[tuple, dict]]] = {}
+    hooks = []
+
+    def record_call(key: str):
+        def hook(_module, args, kwargs):
+            rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            block_calls.setdefault(key, []).append((args[1:], rest))
+
+        return hook
+
+    for group in groups:
+        if group.block:
+            hooks.append(get_module(step.module, group.block).register_forward_pre_hook(record_call(group.block), with_kwargs=True))
+    with input_hooks(step.module, tuple(g.linears[0] for g in groups), lambda name, x: inputs.setdefault(name, []).append(x)):
+        for hidden, kwargs in _batches(step, config.awq_samples):
+            step.module(hidden, **kwargs)
+    for handle in hooks:
+        handle.remove()
+    scaled_inputs: dict[str, torch.Tensor] = {}
+    for group in groups:
+        x = torch.cat(inputs[group.linears[0]])
+        scaled_inputs.update(_awq_group(step, group, x, block_calls.get(group.block, []), mine[group.linears[0]].grid, config.awq_grid))
+    return scaled_inputs
+
+
+def _awq_group(step: LayerStep, group: ScaleGroup, x: torch.Tensor, calls: list[tuple[tuple, dict]], grid: QuantGrid, n_grid: int) -> dict[str, torch.Tensor]:
+    prev = get_module(step.module, group.prev)
+    mods = [get_module(step.module, lin) for lin in group.linears]
+    if group.needs_equal_width and prev.weight.shape[0] != mods[0].weight.shape[1]:
+        return {}
+    block = get_module(step.module, group.block) if group.block else mods[0]
+    sizes = [h.shape[0] for h, _ in _batches(step, None)][: len(calls)] if calls else [x.shape[0]]
+
+    def block_fn(inp: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+        saved = [m.weight.data for m in mods]
+        for m, w in zip(mods, weights):
+            m.weight.data = w
+        try:
+            outs = []
+            for part, (args, kwargs) in zip(inp.split(sizes), calls or [((), {})]):
+                outs.append(layer_output(block(part, *args, **kwargs)))
+            return torch.cat(outs)
+        finally:
+            for m, w in zip(mods, saved):
+                m.weight.data = w
+
+    s = search_awq_scales(x, [m.weight.data for m in mods], block_fn, grid, n_grid)
+    for m in mods:
+        m.weight.data = scale_input_channels(m.weight.data, s)
+    if isinstance(prev, nn.Linear):
+        prev.weight.data, new_bias = fold_scales_into_linear(prev.weight.data, s, prev.bias.data if prev.bias is not None else None)
+    else:
+        prev.weight.data, new_bias = fold_scales_into_norm(prev.weight.data, s, prev.bias.data if getattr(prev, "bias", None) is not None else None)
+    if new_bias is not None:
+        prev.bias.data = new_bias
+    x_scaled = x / s.to(x.dtype)
+    return {lin: x_scaled for lin in group.linears}
+
+
+def _write_layer(step: LayerStep, src: Checkpoint, writer: CheckpointWriter, quantized: dict[str, QuantizedTensor], fmt: str) -> None:
+    """Write one layer: its quantized linears in the chosen format, its other parameters (norms AWQ may
+    have rescaled) from the module, and any other stored tensor of the layer unchanged."""
+    params = dict(step.module.named_parameters())
+    for name in src.names():
+        if not name.startswith(step.prefix):
+            continue
+        local = name[len(step.prefix) :]
+        module = module_of(local)
+        dtype = src.info(name).dtype
+        if module in quantized:
+            emit(writer, step.prefix + module, quantized[module], dtype, fmt)
+        elif local in params:
+            writer.add(name, params[local].data.to(dtype))
+        else:
+            writer.copy_from(src, name)
+
+
+def calibration_tokens(ckpt: Checkpoint, config: QuantizeConfig) -> torch.Tensor:
+    """``config.samples`` blocks of ``config.seq_len`` tokens of the calibration text, by seed."""
+    from weightsmith.data import text_blocks
+    from weightsmith.models import load_tokenizer
+    from weightsmith.paths import asset, assets_dir
+
+    path = Path(config.calib) if config.calib else asset(CALIB_ASSET)
+    if path is None:
+        raise WeightsmithError(assets_dir() / CALIB_ASSET, "default calibration text not found; pass --calib FILE")
+    return text_blocks(load_tokenizer(ckpt.folder), path, config.seq_len, config.samples, config.seed)
