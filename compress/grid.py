@@ -9,7 +9,8 @@ Conventions, shared by all of ``compress``:
   ``group_size=-1`` means one group per output channel (the whole row). A group size that does not
   divide ``in_features`` gives a shorter last group (``n_groups = ceil(in / group_size)``).
 * Codes are unsigned integers in ``[0, 2**bits - 1]``; a weight is ``(code - zero) * scale``.
-* Symmetric grids use the fixed zero point ``2**(bits-1)`` and ``scale = 2 * max|w| / (2**bits - 1)``.
+* Symmetric grids use the fixed zero point ``2**(bits-1)`` and
+  ``scale = 2 * max|w| / (2**bits - 1)``.
   This is the convention of compressed-tensors (``calculate_qparams``: ``max|w| / (bit_range / 2)``
   over the signed range ``[-2**(bits-1), 2**(bits-1) - 1]``) and of the reference GPTQ code; the
   signed value compressed-tensors stores is ``code - 2**(bits-1)``. The positive end of the range is
@@ -222,6 +223,8 @@ def _check_weight(w: Tensor) -> None:
         raise ValueError(f"expected a floating-point weight, got {w.dtype}")
     if w.shape[0] == 0 or w.shape[1] == 0:
         raise ValueError(f"expected a non-empty weight, got shape {tuple(w.shape)}")
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("the weight contains NaN or infinite values")
 
 
 def _store_scale(scale: Tensor, dtype: torch.dtype) -> Tensor:
@@ -236,7 +239,7 @@ def _store_scale(scale: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def compute_scale_zero(
-    w_min: Tensor, w_max: Tensor, grid: QuantGrid, dtype: torch.dtype
+    w_min: Tensor, w_max: Tensor, grid: QuantGrid, dtype: torch.dtype = torch.float32
 ) -> tuple[Tensor, Tensor]:
     """Scales (in ``dtype``) and uint8 zero points for groups with the given min / max.
 

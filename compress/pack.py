@@ -171,9 +171,9 @@ def to_compressed_tensors(
 
     Writes ``weight_packed`` (int32), ``weight_scale`` (the scales' dtype), ``weight_shape``
     (int64), ``weight_zero_point`` (int32, packed along the output dimension) for asymmetric grids,
-    and ``weight_g_idx`` (int32) when ``q.g_idx`` is not the contiguous mapping. A ragged last group
-    raises ``ValueError`` unless ``allow_ragged`` (the tensors are then well defined and read back by
-    :func:`from_compressed_tensors`, but compressed-tensors 0.20 cannot decode them).
+    and ``weight_g_idx`` (int32) when ``q.g_idx`` is not the contiguous mapping. A ragged last
+    group raises ``ValueError`` unless ``allow_ragged`` (the tensors are then well defined and read
+    back by :func:`from_compressed_tensors`, but compressed-tensors 0.20 cannot decode them).
     """
     out, inp = q.shape
     reason = ragged_group_reason(q.grid, inp)

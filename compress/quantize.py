@@ -44,15 +44,16 @@ class QuantReport:
     gptq_loss: float = 0.0
     ragged: list[str] = field(default_factory=list)
 
-    def add(self, q: QuantizedTensor) -> None:
+    def add(self, q: QuantizedTensor, stored_bits: float) -> None:
         n = q.shape[0] * q.shape[1]
         self.quantized += 1
         self.quantized_params += n
-        self.packed_bits += q.bits_per_weight * n
+        self.packed_bits += stored_bits * n
 
     @property
     def bits_per_weight(self) -> float:
-        """Storage bits per weight of the quantized linears in the packed layout."""
+        """Storage bits per weight of the quantized linears in the packed layout (16 for a linear the
+        packed format has to keep dequantized)."""
         return self.packed_bits / max(self.quantized_params, 1)
 
     def figures(self) -> dict:
@@ -88,24 +89,32 @@ def select_linears(ckpt: Checkpoint, config: QuantizeConfig) -> dict[str, Linear
     return chosen
 
 
-def emit(writer: CheckpointWriter, module: str, q: QuantizedTensor, dtype: torch.dtype, fmt: str) -> None:
-    """Write one quantized linear in the chosen format."""
-    if fmt == "dense":
+def emit(writer: CheckpointWriter, module: str, q: QuantizedTensor, dtype: torch.dtype, fmt: str, report: QuantReport) -> None:
+    """Write one quantized linear in the chosen format and count its storage bits. In the packed
+    format a linear whose width is not a multiple of the group size (a shorter last group, which
+    compressed-tensors cannot decode) is stored dequantized, and config.json says so."""
+    ragged = ragged_group_reason(q.grid, q.shape[1]) is not None
+    if fmt == "dense" or ragged:
         writer.add(f"{module}.weight", q.dequantize().to(dtype))
+        report.add(q, torch.finfo(dtype).bits if fmt == "packed" else q.bits_per_weight)
         return
-    for name, tensor in to_compressed_tensors(q, module, allow_ragged=True).items():
+    for name, tensor in to_compressed_tensors(q, module).items():
         writer.add(name, tensor)
+    report.add(q, q.bits_per_weight)
 
 
 def packed_config(config: dict, linears: dict[str, LinearSettings], ragged: list[str], act_order: bool) -> dict:
     """config.json with a ``quantization_config`` grouping the quantized linears by grid."""
     by_grid: dict[QuantGrid, list[str]] = {}
     for module, settings in linears.items():
-        by_grid.setdefault(settings.grid, []).append(module)
-    metadata = {"ragged_last_group": ragged} if ragged else None
+        if module not in ragged:
+            by_grid.setdefault(settings.grid, []).append(module)
+    if not by_grid:
+        raise WeightsmithError(None, "no linear's width is a multiple of its group size, so none can be packed; use --format dense or another group size")
+    metadata = {"ragged_last_group_stored_dense": ragged} if ragged else None
     block: dict | None = None
     for i, (grid, modules) in enumerate(by_grid.items()):
-        part = quantization_config(grid, targets=modules, ignore=[], actorder="weight" if act_order else None, metadata=metadata)
+        part = quantization_config(grid, targets=modules, ignore=ragged, actorder="weight" if act_order else None, metadata=metadata)
         group = part["config_groups"]["group_0"]
         if block is None:
             block = {**part, "config_groups": {}}
@@ -156,8 +165,7 @@ def _streaming(src: Checkpoint, writer: CheckpointWriter, config: QuantizeConfig
         module = module_of(name)
         if module in linears:
             q = _rtn(src.get(name), linears[module].grid, config.clip, src.info(name).dtype)
-            report.add(q)
-            emit(writer, module, q, src.info(name).dtype, config.format)
+            emit(writer, module, q, src.info(name).dtype, config.format, report)
         else:
             writer.copy_from(src, name)
         if progress is not None:
@@ -181,13 +189,12 @@ def _layerwise(
             module = module_of(name)
             if module in linears:  # a selected weight outside the decoder layers (e.g. lm_head): RTN
                 q = _rtn(src.get(name), linears[module].grid, config.clip, src.info(name).dtype)
-                report.add(q)
-                emit(writer, module, q, src.info(name).dtype, config.format)
+                emit(writer, module, q, src.info(name).dtype, config.format, report)
             else:
                 writer.copy_from(src, name)
     for step in runner:
         quantized = _quantize_layer(step, arch, src, config, linears, report)
-        _write_layer(step, src, writer, quantized, config.format)
+        _write_layer(step, src, writer, quantized, config.format, report)
         if progress is not None:
             progress(step.index + 1, runner.num_layers, config.method)
 
@@ -216,7 +223,6 @@ def _quantize_layer(
         else:
             q = _rtn(w, settings.grid, config.clip or settings.method == "awq", dtype)
         module.weight.data = q.dequantize().to(w.dtype)
-        report.add(q)
         quantized[lin] = q
     return quantized
 
@@ -315,7 +321,7 @@ def _awq_group(step: LayerStep, group: ScaleGroup, x: torch.Tensor, calls: list[
     return {lin: x_scaled for lin in group.linears}
 
 
-def _write_layer(step: LayerStep, src: Checkpoint, writer: CheckpointWriter, quantized: dict[str, QuantizedTensor], fmt: str) -> None:
+def _write_layer(step: LayerStep, src: Checkpoint, writer: CheckpointWriter, quantized: dict[str, QuantizedTensor], fmt: str, report: QuantReport) -> None:
     """Write one layer: its quantized linears in the chosen format, its other parameters (norms AWQ may
     have rescaled) from the module, and any other stored tensor of the layer unchanged."""
     params = dict(step.module.named_parameters())
@@ -326,7 +332,7 @@ def _write_layer(step: LayerStep, src: Checkpoint, writer: CheckpointWriter, qua
         module = module_of(local)
         dtype = src.info(name).dtype
         if module in quantized:
-            emit(writer, step.prefix + module, quantized[module], dtype, fmt)
+            emit(writer, step.prefix + module, quantized[module], dtype, fmt, report)
         elif local in params:
             writer.add(name, params[local].data.to(dtype))
         else:

@@ -54,11 +54,29 @@ def load_model(folder: Path, dtype: torch.dtype = torch.float32, device: str = "
     """A transformers causal LM from a checkpoint folder, in eval mode."""
     from transformers import AutoModelForCausalLM
 
+    extra = {}
+    if _quant_method(folder) == "compressed-tensors":
+        # Packed checkpoints are decompressed to dense weights on load: compressed-tensors 0.20 cannot
+        # load asymmetric pack-quantized weights compressed (its zero-point placeholder is unpacked).
+        from transformers import CompressedTensorsConfig
+
+        extra["quantization_config"] = CompressedTensorsConfig(dequantize=True)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra)
     except (OSError, ValueError, KeyError) as exc:
         raise WeightsmithError(folder, f"transformers cannot load it: {str(exc).splitlines()[0]}") from None
     return model.to(device).eval()
+
+
+def _quant_method(folder: Path) -> str | None:
+    import json
+
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    quant = config.get("quantization_config") if isinstance(config, dict) else None
+    return quant.get("quant_method") if isinstance(quant, dict) else None
 
 
 def load_tokenizer(folder: Path):
