@@ -57,6 +57,7 @@ class QuantizeConfig(BaseModel):
     samples: int = Field(128, ge=1)
     seq_len: int = Field(512, ge=2)
     batch_size: int = Field(8, ge=1)
+    calib_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     seed: int = 0
 
     @field_validator("bits")

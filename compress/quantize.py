@@ -181,7 +181,7 @@ def _layerwise(
     report: QuantReport,
     progress: Progress | None,
 ) -> None:
-    runner = LayerwiseRunner(src, tokens, batch_size=config.batch_size)
+    runner = LayerwiseRunner(src, tokens, batch_size=config.batch_size, dtype=calibration_dtype(src, config, linears))
     arch = runner.arch
     layer_prefixes = tuple(arch.layer_prefix(i) for i in range(runner.num_layers))
     for name in src.names():
@@ -239,19 +239,28 @@ def _batches(step: LayerStep, limit: int | None = None):
 
 @torch.inference_mode()
 def _hessians(step: LayerStep, names: list[str]) -> dict[str, torch.Tensor]:
-    """GPTQ's input Hessians of the named linears, from one pass over the calibration batches."""
+    """GPTQ's input Hessians of the named linears, from one pass over the calibration batches.
+    Linears fed the very same input tensor (q/k/v, gate/up) share one Hessian, computed once."""
     if not names:
         return {}
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
+    shares: dict[str, str] = {}
+    last: list = [None, None]  # (identity of the last input, name of the linear that consumed it)
 
     def collect(name: str, x: torch.Tensor) -> None:
+        key = (x.data_ptr(), tuple(x.shape), x.stride())
+        if last[0] == key:
+            shares.setdefault(name, last[1])
+            return
+        last[0], last[1] = key, name
         sums[name], counts[name] = accumulate_hessian(sums.get(name), x, counts.get(name, 0))
 
     with input_hooks(step.module, tuple(names), collect):
         for hidden, kwargs in _batches(step):
             step.module(hidden, **kwargs)
-    return sums
+            last[0] = None
+    return {name: sums[shares.get(name, name)] for name in names}
 
 
 @torch.inference_mode()
@@ -337,6 +346,18 @@ def _write_layer(step: LayerStep, src: Checkpoint, writer: CheckpointWriter, qua
             writer.add(name, params[local].data.to(dtype))
         else:
             writer.copy_from(src, name)
+
+
+def calibration_dtype(src: Checkpoint, config: QuantizeConfig, linears: dict[str, LinearSettings]) -> torch.dtype:
+    """The dtype the layers run in during calibration: ``auto`` is the dtype the linears are stored
+    in (bf16 matmuls are several times faster than fp32 on CPUs with AVX512-BF16 or AMX, and the
+    weights are exact in their own dtype); Hessians and GPTQ's updates are always accumulated in fp32."""
+    if config.calib_dtype != "auto":
+        from weightsmith.models import parse_dtype
+
+        return parse_dtype(config.calib_dtype)
+    dtype = src.info(f"{next(iter(linears))}.weight").dtype
+    return dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
 
 
 def calibration_tokens(ckpt: Checkpoint, config: QuantizeConfig) -> torch.Tensor:

@@ -377,5 +377,10 @@ def quantize_cmd(
         out.print(report_table(reports, labels=["before", "after"], title=f"pinned protocol on {eval_text}"))
 
 
+from merge.cli import merge_cmd  # noqa: E402
+
+command("merge")(merge_cmd)
+
+
 def main() -> None:
     app()
