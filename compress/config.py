@@ -48,7 +48,7 @@ class QuantizeConfig(BaseModel):
     block_size: int = Field(128, ge=1)
     clip: bool = False
     awq_grid: int = Field(20, ge=1)
-    awq_samples: int = Field(16, ge=1)
+    awq_samples: int = Field(8, ge=1)
     targets: list[str] | None = None
     ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE))
     overrides: list[Override] = Field(default_factory=list)

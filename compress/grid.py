@@ -296,6 +296,13 @@ def quantize(w: Tensor, grid: QuantGrid, clip: Tensor | None = None) -> Quantize
     Scales come out in ``w.dtype``.
     """
     _check_weight(w)
+    scales, zeros, gidx = _group_params(w, grid, clip)
+    codes = quantize_codes(w, scales[:, gidx], zeros[:, gidx], grid)
+    return QuantizedTensor(codes=codes, scales=scales, zeros=zeros, grid=grid, shape=tuple(w.shape))
+
+
+def _group_params(w: Tensor, grid: QuantGrid, clip: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-group scales and zero points of ``w`` (clipped by ``clip``), and each column's group."""
     out, inp = w.shape
     n_groups = grid.n_groups(inp)
     gidx = grid.group_index(inp, device=w.device)
@@ -305,8 +312,7 @@ def quantize(w: Tensor, grid: QuantGrid, clip: Tensor | None = None) -> Quantize
         ratio = clip.to(device=w.device, dtype=w_min.dtype)
         w_min, w_max = w_min * ratio, w_max * ratio
     scales, zeros = compute_scale_zero(w_min, w_max, grid, w.dtype)
-    codes = quantize_codes(w, scales[:, gidx], zeros[:, gidx], grid)
-    return QuantizedTensor(codes=codes, scales=scales, zeros=zeros, grid=grid, shape=(out, inp))
+    return scales, zeros, gidx
 
 
 def dequantize(q: QuantizedTensor) -> Tensor:
@@ -315,8 +321,38 @@ def dequantize(q: QuantizedTensor) -> Tensor:
 
 
 def fake_quantize(w: Tensor, grid: QuantGrid, clip: Tensor | None = None) -> Tensor:
-    """Quantize then dequantize ``w``; the result has ``w``'s dtype and shape."""
-    return quantize(w, grid, clip).dequantize().to(w.dtype)
+    """Quantize then dequantize ``w``; the result has ``w``'s dtype and shape. Equal to
+    ``quantize(w, grid, clip).dequantize()``, without building (and validating) the codes object,
+    since search loops call it many times."""
+    if w.ndim != 2 or not w.is_floating_point():
+        raise ValueError(f"expected a floating-point weight [out, in], got {w.dtype} {tuple(w.shape)}")
+    scales, zeros, gidx = _group_params(w, grid, clip)
+    grouped = _grouped(w, grid)
+    if grouped is not None:
+        return _grouped_fake_quant(grouped, scales, zeros, grid).reshape(w.shape).to(w.dtype)
+    s_cols, z_cols = scales[:, gidx], zeros[:, gidx]
+    return _dequant(quantize_codes(w, s_cols, z_cols, grid), s_cols, z_cols).to(w.dtype)
+
+
+def _grouped(w: Tensor, grid: QuantGrid) -> Tensor | None:
+    """``w`` as float32 ``[out, n_groups, group]`` when its groups are equal and float32 is the
+    working precision (the fast path of the search loops), else None."""
+    out, inp = w.shape
+    if grid.is_ragged(inp) or _work_dtype(w.dtype) != torch.float32:
+        return None
+    return w.to(torch.float32).reshape(out, grid.n_groups(inp), -1)
+
+
+def _grouped_fake_quant(wg: Tensor, scales: Tensor, zeros: Tensor, grid: QuantGrid) -> Tensor:
+    """Quantize-dequantize grouped float32 weights ``[out, G, g]`` with per-group ``scales`` /
+    ``zeros`` ``[out, G]``; float32 result rounded to the scales' dtype. Bit-equal to
+    :func:`quantize_codes` followed by :func:`_dequant`: (code - zero) * scale is exact in float32
+    for every scale dtype up to float32, so one rounding to the scale dtype matches a product
+    computed in that dtype."""
+    s = scales.to(torch.float32).unsqueeze(-1)
+    z = zeros.to(torch.float32).unsqueeze(-1)
+    q = torch.round(wg / s).add_(z).clamp_(0, grid.maxq)
+    return q.sub_(z).mul_(s).to(scales.dtype).to(torch.float32)
 
 
 def mse_clip_search(
@@ -362,15 +398,22 @@ def mse_clip_search(
     best_err = torch.full((out, n_groups), math.inf, dtype=work, device=w.device)
     best_ratio = torch.ones((out, n_groups), dtype=torch.float32, device=w.device)
     ratios = torch.linspace(1.0, 1.0 - max_shrink, grid_points, dtype=torch.float32)
+    grouped = _grouped(w, grid)
     for r in ratios.tolist():
         ratio = torch.tensor(r, dtype=torch.float32).to(work)
         scales, zeros = compute_scale_zero(w_min * ratio, w_max * ratio, grid, w.dtype)
-        s_cols, z_cols = scales[:, gidx], zeros[:, gidx]
-        w_hat = _dequant(quantize_codes(w, s_cols, z_cols, grid), s_cols, z_cols).to(work)
-        err = (wf - w_hat).pow_(2)
-        if weight is not None:
-            err.mul_(weight)
-        err_g = torch.zeros((out, n_groups), dtype=work, device=w.device).index_add_(1, gidx, err)
+        if grouped is not None:
+            err = (grouped - _grouped_fake_quant(grouped, scales, zeros, grid)).pow_(2)
+            if weight is not None:
+                err.mul_(weight.view(1, n_groups, -1))
+            err_g = err.sum(-1)
+        else:
+            s_cols, z_cols = scales[:, gidx], zeros[:, gidx]
+            w_hat = _dequant(quantize_codes(w, s_cols, z_cols, grid), s_cols, z_cols).to(work)
+            err = (wf - w_hat).pow_(2)
+            if weight is not None:
+                err.mul_(weight)
+            err_g = torch.zeros((out, n_groups), dtype=work, device=w.device).index_add_(1, gidx, err)
         better = err_g < best_err
         best_err = torch.where(better, err_g, best_err)
         best_ratio = torch.where(better, torch.full_like(best_ratio, r), best_ratio)

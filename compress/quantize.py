@@ -246,14 +246,16 @@ def _hessians(step: LayerStep, names: list[str]) -> dict[str, torch.Tensor]:
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     shares: dict[str, str] = {}
-    last: list = [None, None]  # (identity of the last input, name of the linear that consumed it)
+    # The last input seen and the linear that consumed it. Holding the tensor keeps its memory from
+    # being reused, so equal storage address, shape and strides mean the very same input.
+    last: list = [None, None]
 
     def collect(name: str, x: torch.Tensor) -> None:
-        key = (x.data_ptr(), tuple(x.shape), x.stride())
-        if last[0] == key:
+        prev = last[0]
+        if prev is not None and (prev.data_ptr(), prev.shape, prev.stride()) == (x.data_ptr(), x.shape, x.stride()):
             shares.setdefault(name, last[1])
             return
-        last[0], last[1] = key, name
+        last[0], last[1] = x, name
         sums[name], counts[name] = accumulate_hessian(sums.get(name), x, counts.get(name, 0))
 
     with input_hooks(step.module, tuple(names), collect):

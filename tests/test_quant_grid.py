@@ -299,3 +299,10 @@ def test_bits_per_weight_counts_packed_storage() -> None:
     assert quantize(w3, QuantGrid(3, True, -1)).bits_per_weight == pytest.approx(
         (10 * 32 + 32) / 100
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("grid", [QuantGrid(4, True, 64), QuantGrid(3, False, 32), QuantGrid(2, True, -1), QuantGrid(4, True, 40)])
+def test_fake_quantize_fast_path_is_bit_equal_to_quantize(dtype, grid):
+    w = (torch.randn(48, 160, generator=torch.Generator().manual_seed(5)) * 0.05).to(dtype)
+    assert torch.equal(fake_quantize(w, grid), quantize(w, grid).dequantize().to(dtype))

@@ -315,7 +315,7 @@ def quantize_cmd(
     calib: Annotated[Path | None, typer.Option("--calib", help="Calibration text file or folder (default: WikiText-2 calibration split from the assets).")] = None,
     samples: Annotated[int, typer.Option("--samples", help="Calibration blocks.")] = 128,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration block.")] = 512,
-    awq_samples: Annotated[int, typer.Option("--awq-samples", help="AWQ: calibration blocks used in the scale search.")] = 16,
+    awq_samples: Annotated[int, typer.Option("--awq-samples", help="AWQ: calibration blocks used in the scale search (each candidate scale reruns the block on them).")] = 8,
     targets: Annotated[list[str] | None, typer.Option("--target", help="Module to quantize (name, suffix or re:regex); repeatable. Default: the decoder linears.")] = None,
     ignore: Annotated[list[str] | None, typer.Option("--ignore", help="Module to leave alone; repeatable. Default: embeddings and lm_head.")] = None,
     overrides: Annotated[list[str] | None, typer.Option("--override", help="Per-module settings, e.g. 'down_proj:bits=8' or 're:.*\\.0\\..*:skip'; repeatable, first match wins.")] = None,
