@@ -136,17 +136,19 @@ def test_half_precision_scales_cover_the_range(dtype: torch.dtype, sym: bool) ->
     _assert_half_step_error(w, q, rel_tol=ulp)
 
 
-def test_symmetric_convention_matches_compressed_tensors() -> None:
-    # scale = max|w| / ((2**b - 1) / 2): max|w| sits at 7.5 steps, half-way between two codes.
+def test_symmetric_scale_is_sign_aware_and_never_clips() -> None:
+    # row 0: the negative side is larger, -1.5 lands on -8 steps (code 0): scale 1.5 / 8
+    # row 1: the positive side is larger, 0.4 lands on +7 steps (code 15): scale 0.4 / 7
     w = torch.tensor([[-1.5, 0.25, 0.75, 1.0], [0.2, -0.1, 0.05, 0.4]])
     q = quantize(w, QuantGrid(4, True, -1))
-    torch.testing.assert_close(q.scales, torch.tensor([[1.5 / 7.5], [0.4 / 7.5]]), rtol=0, atol=0)
-    # -7.5 steps rounds (half to even) to -8 = code 0; 1.25, 3.75, 5 steps -> 1, 4, 5
-    assert q.codes[0].tolist() == [0, 9, 12, 13]
-    assert q.dequantize()[0, 0].item() == pytest.approx(-1.6, rel=1e-6)
-    # +7.5 steps saturates at +7 (code 15): the same s/2 error at the positive end
+    assert q.scales[0, 0].item() == 1.5 / 8
+    assert q.scales[1, 0].item() == pytest.approx(0.4 / 7, rel=1e-7) and q.scales[1, 0].item() >= 0.4 / 7 * (1 - 1e-7)
+    assert q.codes[0].tolist() == [0, 9, 12, 13]  # -8, 1.33, 4, 5.33 steps
+    assert q.dequantize()[0, 0].item() == -1.5 and q.dequantize()[0, 2].item() == 0.75
     assert q.codes[1, 3].item() == 15
-    assert q.dequantize()[1, 3].item() == pytest.approx(0.4 * 7 / 7.5, rel=1e-6)
+    assert q.dequantize()[1, 3].item() == pytest.approx(0.4, rel=1e-6)
+    # both extremes are represented: no element is further than half a step from its value
+    assert bool(((q.dequantize() - w).abs() <= q.scales / 2 + 1e-7).all())
 
 
 def test_asymmetric_zero_point_makes_zero_exact() -> None:
