@@ -78,7 +78,7 @@ else:
     ids = torch.load(calib)
     kwargs = dict(dataset=Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()}),
                   num_calibration_samples=ids.shape[0], max_seq_length=ids.shape[1])
-oneshot(model=model, recipe=recipe, output_dir=out_dir, save_compressed=False, **kwargs)
+oneshot(model=model, recipe=recipe, output_dir=out_dir, save_compressed=True, **kwargs)
 """
 
 GPTQMODEL_SCRIPT = r"""

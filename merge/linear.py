@@ -1,0 +1,54 @@
+"""Linear merging (a weighted average of models) and uniform model soups.
+
+Wortsman et al., "Model soups: averaging weights of multiple fine-tuned models improves accuracy
+without increasing inference time", ICML 2022 — https://arxiv.org/abs/2203.05482
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from merge.chunks import chunks
+
+__all__ = ["linear", "soup", "work_dtype"]
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype interpolating methods compute in: float64 stays float64, everything else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def linear(tensors: Sequence[Tensor], weights: Sequence[float], normalize: bool = True) -> Tensor:
+    """``sum_i weights[i] * tensors[i]``, divided by ``sum(weights)`` when ``normalize``.
+
+    Computed in float32 (float64 for float64 inputs) chunk by chunk with fused multiply-adds in input
+    order, and returned in the first tensor's dtype.
+    """
+    if not tensors:
+        raise ValueError("linear needs at least one tensor")
+    if len(weights) != len(tensors):
+        raise ValueError(f"{len(tensors)} tensors but {len(weights)} weights")
+    first = tensors[0]
+    if not first.is_floating_point():
+        raise TypeError("linear merging needs floating-point tensors")
+    work = work_dtype(first.dtype)
+    coefficients = torch.tensor([float(w) for w in weights], dtype=work, device=first.device)
+    total_weight = coefficients.sum()
+    flats = [t.reshape(-1) for t in tensors]
+    out = torch.empty(first.numel(), dtype=first.dtype, device=first.device)
+    for part in chunks(first.numel()):
+        acc = torch.zeros(part.stop - part.start, dtype=work, device=first.device)
+        for flat, coefficient in zip(flats, coefficients):
+            acc.addcmul_(flat[part].to(work), coefficient)
+        if normalize:
+            acc.div_(total_weight)
+        out[part] = acc
+    return out.reshape(first.shape)
+
+
+def soup(tensors: Sequence[Tensor]) -> Tensor:
+    """The uniform soup: the plain average of any number of tensors."""
+    return linear(tensors, [1.0] * len(tensors), normalize=True)

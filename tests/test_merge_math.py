@@ -1,0 +1,291 @@
+"""Merge math on hand-made tensors: endpoints, identities, masks, expectations over random draws."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from merge.linear import linear, soup
+from merge.model_stock import model_stock
+from merge.params import Condition, Kind, ParamSpec, Scope, evaluate, resolve
+from merge.passthrough import stack_layers, stacked_config
+from merge.run import tensor_seed
+from merge.slerp import CHUNK, slerp
+from merge.sparsify import Sparsification, keep_largest, keep_smallest, sparsify
+from merge.task_arithmetic import Consensus, merge_deltas, sign_agreement, task_arithmetic, ties
+
+
+def rand(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+# ---- linear / soup ----------------------------------------------------------------------------
+
+
+def test_linear_weights_one_zero_returns_the_first():
+    a, b = rand(16, 8, seed=1), rand(16, 8, seed=2)
+    assert torch.equal(linear([a, b], [1.0, 0.0]), a)
+    assert torch.equal(linear([a, b], [1.0, 0.0], normalize=False), a)
+
+
+def test_linear_normalizes_and_keeps_dtype():
+    a, b = rand(4, 4, seed=1, dtype=torch.bfloat16), rand(4, 4, seed=2, dtype=torch.bfloat16)
+    out = linear([a, b], [3.0, 1.0])
+    assert out.dtype == torch.bfloat16
+    expected = (0.75 * a.float() + 0.25 * b.float()).to(torch.bfloat16)
+    assert torch.equal(out, expected)
+    assert torch.allclose(linear([a.float(), b.float()], [3.0, 1.0], normalize=False), 3 * a.float() + b.float())
+
+
+def test_soup_is_the_plain_mean():
+    xs = [rand(5, 3, seed=s) for s in range(4)]
+    assert torch.allclose(soup(xs), torch.stack(xs).mean(0), atol=1e-7)
+
+
+# ---- slerp ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_slerp_endpoints_return_the_inputs(dtype):
+    a, b = rand(32, 16, seed=1, dtype=dtype), rand(32, 16, seed=2, dtype=dtype)
+    assert torch.equal(slerp(0.0, a, b), a)
+    assert torch.equal(slerp(1.0, a, b), b)
+
+
+def test_slerp_midpoint_of_orthogonal_vectors_stays_on_the_circle():
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    mid = slerp(0.5, a, b)
+    assert torch.allclose(mid, torch.tensor([2**-0.5, 2**-0.5]), atol=1e-6)
+    assert torch.allclose(slerp(1 / 3, a, b), torch.tensor([0.8660254, 0.5]), atol=1e-6)
+
+
+def test_slerp_falls_back_to_linear_for_colinear_vectors():
+    a = rand(64, seed=3)
+    b = 2.5 * a
+    assert torch.allclose(slerp(0.3, a, b), 0.7 * a + 0.3 * b, atol=1e-6)
+    assert torch.allclose(slerp(0.3, a, -a), 0.7 * a - 0.3 * a, atol=1e-6)
+
+
+def test_slerp_chunked_reductions_match_the_whole_tensor_formula():
+    a, b = rand(CHUNK + 12345, seed=4).double(), rand(CHUNK + 12345, seed=5).double()
+    theta = torch.acos((a / a.norm()) @ (b / b.norm()))
+    t = 0.37
+    expected = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
+    assert torch.allclose(slerp(t, a.float(), b.float()).double(), expected, atol=1e-5)
+
+
+# ---- task arithmetic family -------------------------------------------------------------------
+
+
+def test_ties_with_one_model_and_density_one_equals_task_arithmetic():
+    base, ft = rand(24, 8, seed=1), rand(24, 8, seed=2)
+    for weight in (1.0, 0.4):
+        expected = task_arithmetic(base, [ft], [weight], normalize=True)
+        assert torch.equal(ties(base, [ft], [weight], [1.0]), expected)
+    assert torch.allclose(task_arithmetic(base, [ft], [0.4]), base + 0.4 * (ft - base), atol=1e-6)
+
+
+def test_ties_sign_election_on_a_hand_made_tensor():
+    deltas = torch.tensor(
+        [
+            [1.0, -2.0, 3.0, 0.0],
+            [2.0, 1.0, -1.0, 0.0],
+            [-4.0, 1.0, -1.0, 1.0],
+        ]
+    )
+    # column sums -1, 0, 1, 1 -> elected signs -, + (ties go to +), +, +
+    agree = torch.stack(sign_agreement(list(deltas))).bool()
+    assert agree.tolist() == [
+        [False, False, True, False],
+        [False, True, False, False],
+        [True, True, False, True],
+    ]
+    by_count = torch.stack(sign_agreement(list(deltas), Consensus.count)).bool()  # sign counts: -1, 1, -1, 1
+    assert by_count[:, 2].tolist() == [False, True, True]
+    base = torch.zeros(4)
+    merged = ties(base, list(base + deltas), [1.0, 1.0, 1.0], [1.0, 1.0, 1.0])
+    # agreeing deltas averaged: -4 / 1, (1 + 1) / 2, 3 / 1, 1 / 1
+    assert merged.tolist() == [-4.0, 1.0, 3.0, 1.0]
+    unnormalized = merge_deltas(base, list(deltas), [1.0, 1.0, 1.0], consensus=Consensus.sum)
+    assert unnormalized.tolist() == [-4.0, 2.0, 3.0, 1.0]
+
+
+def test_ties_trims_to_the_largest_magnitudes():
+    base = torch.zeros(10)
+    ft = torch.tensor([0.1, -5.0, 0.2, 4.0, -0.3, 0.0, 3.0, 0.05, -0.01, 2.0])
+    merged = ties(base, [ft], [1.0], [0.3])
+    assert merged.tolist() == pytest.approx([0, -5.0, 0, 4.0, 0, 0, 3.0, 0, 0, 0])
+
+
+def test_dare_keeps_density_and_preserves_l1_norm_over_draws():
+    delta = rand(100_000, seed=7)
+    l1 = delta.abs().sum().item()
+    density = 0.3
+    kept, norms_rescaled, norms_plain = [], [], []
+    for draw in range(1000, 1010):  # mask seeds unrelated to the data's seed (same seed, same stream)
+        rescaled = sparsify(delta, density, Sparsification.random, rescale=True, generator=torch.Generator().manual_seed(draw))
+        plain = sparsify(delta, density, Sparsification.random, rescale=False, generator=torch.Generator().manual_seed(draw))
+        kept.append((plain != 0).float().mean().item())
+        norms_rescaled.append(rescaled.abs().sum().item())
+        norms_plain.append(plain.abs().sum().item())
+        assert torch.equal(rescaled != 0, plain != 0)
+    assert all(abs(k - density) <= 0.01 for k in kept)
+    assert sum(norms_rescaled) / len(norms_rescaled) == pytest.approx(l1, rel=1e-3)
+    assert sum(norms_plain) / len(norms_plain) == pytest.approx(density * l1, rel=0.01)
+
+
+def test_dare_is_seeded_per_tensor():
+    base, ft = torch.zeros(1000), rand(1000, seed=1)
+
+    def draw(seed, name):
+        gen = torch.Generator().manual_seed(tensor_seed(seed, name, 1))
+        return merge_deltas(base, [ft], [1.0], densities=[0.5], sparsification=Sparsification.random, generators=[gen])
+
+    assert torch.equal(draw(0, "a.weight"), draw(0, "a.weight"))
+    assert not torch.equal(draw(0, "a.weight"), draw(1, "a.weight"))
+    assert not torch.equal(draw(0, "a.weight"), draw(0, "b.weight"))
+    assert tensor_seed(0, "a.weight", 1) == tensor_seed(0, "a.weight", 1) != tensor_seed(0, "a.weight", 2)
+
+
+def test_breadcrumbs_drops_largest_and_smallest():
+    delta = torch.arange(1, 21, dtype=torch.float32)  # magnitudes 1..20
+    out = sparsify(delta, 0.5, Sparsification.outliers, gamma=0.1)
+    # drop the 2 largest (19, 20) and the 8 smallest (1..8): keep 9..18
+    assert (out != 0).nonzero().reshape(-1).tolist() == list(range(8, 18))
+    assert torch.equal(sparsify(delta, 1.0, Sparsification.outliers, gamma=0.1), delta)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.integers(-300, 300), min_size=1, max_size=40), st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), st.data()
+)
+def test_keep_largest_and_smallest_match_a_stable_sort(values, dtype, data):
+    x = torch.tensor(values, dtype=dtype) / 4
+    if data.draw(st.booleans()) and dtype == torch.float32:
+        x = 1 + x * 2**-20  # equal high 16 bits: the second radix digit decides
+    k = data.draw(st.integers(0, len(values)))
+    top = torch.zeros(len(values), dtype=torch.bool)
+    top[torch.argsort(x.abs(), descending=True, stable=True)[:k]] = True
+    bottom = torch.zeros(len(values), dtype=torch.bool)
+    bottom[torch.argsort(x.abs(), stable=True)[:k]] = True
+    with mock.patch("merge.chunks.CHUNK", data.draw(st.sampled_from([4, 7, 1 << 20]))):
+        assert torch.equal(keep_largest(x, k), top)
+        assert torch.equal(keep_smallest(x, k), bottom)
+
+
+# ---- model stock ------------------------------------------------------------------------------
+
+
+def test_model_stock_ratio_from_the_angle():
+    base = torch.zeros(4)
+    e1, e2 = torch.tensor([1.0, 0, 0, 0]), torch.tensor([0, 1.0, 0, 0])
+    assert torch.equal(model_stock(base, [e1, e2]), base)  # orthogonal: t = 0
+    assert torch.allclose(model_stock(base, [e1, e1.clone()]), e1)  # identical: t = 1
+    # cos = 0.5 for two task vectors at 60 degrees: t = 2 * 0.5 / 1.5 = 2/3
+    f = torch.tensor([0.5, 3**0.5 / 2, 0, 0])
+    assert torch.allclose(model_stock(base, [e1, f]), (2 / 3) * (e1 + f) / 2, atol=1e-6)
+
+
+def test_model_stock_filter_wise_works_per_row():
+    base = torch.zeros(2, 2)
+    a = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    b = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    out = model_stock(base, [a, b], filter_wise=True)
+    assert torch.allclose(out, torch.tensor([[0.0, 0.0], [1.0, 0.0]]))
+
+
+# ---- passthrough ------------------------------------------------------------------------------
+
+
+def test_stack_layers_and_config():
+    assert stack_layers([(0, 2), (1, 3), (2, 3)]) == [(0, 0), (0, 1), (1, 1), (1, 2), (2, 2)]
+    a = {"num_hidden_layers": 3, "layer_types": ["x0", "x1", "x2"]}
+    b = {"num_hidden_layers": 3, "layer_types": ["y0", "y1", "y2"]}
+    out = stacked_config(a, "num_hidden_layers", [(a, 0), (b, 2), (b, 1)])
+    assert out == {"num_hidden_layers": 3, "layer_types": ["x0", "y2", "y1"]}
+    assert a["layer_types"] == ["x0", "x1", "x2"]
+
+
+# ---- parameters -------------------------------------------------------------------------------
+
+
+def test_parameter_settings_like_mergekit():
+    gradient = [0, 0.3, 0.8, 1]
+    assert evaluate(gradient, "x", 0.0, Kind.number) == 0
+    assert evaluate(gradient, "x", 0.5, Kind.number) == pytest.approx(0.55)
+    assert evaluate(gradient, "x", 1.0, Kind.number) == 1
+    conds = [Condition(filter="self_attn", value=[0, 1]), Condition(filter="mlp", value=0.2)]
+    assert evaluate(conds, "model.layers.0.self_attn.q_proj.weight", 0.25, Kind.number) == pytest.approx(0.25)
+    assert evaluate(conds, "model.layers.0.mlp.up_proj.weight", 0.25, Kind.number) == pytest.approx(0.2)
+    assert evaluate(conds, "model.norm.weight", 0.25, Kind.number) is None
+    assert evaluate("1e-3", "x", 0, Kind.number) == pytest.approx(1e-3)
+    assert evaluate([True, False], "x", 0.9, Kind.flag) is True
+    with pytest.raises(ValueError):
+        evaluate("many", "x", 0, Kind.number)
+    spec = ParamSpec("weight", Kind.number, Scope.input)
+    assert resolve(spec, [{"weight": conds}, {"weight": 0.7}], "model.norm.weight", 0) == 0.7
+    assert resolve(spec, [None, {"weight": conds}], "model.layers.1.mlp.x", 0) == 0.2
+    with pytest.raises(LookupError):
+        resolve(spec, [None, {}], "x", 0)
+    assert resolve(ParamSpec("density", Kind.number, Scope.non_base, 1.0), [{}], "x", 0) == 1.0
+
+
+# ---- the chunked delta merge against the plain whole-tensor formulation -----------------------
+
+
+def reference_merge(base, tensors, weights, densities, method, consensus, normalize, gammas):
+    """Task-vector merging written plainly over whole tensors (stacked deltas, stable sorts) — the
+    formulation mergekit uses, with a stable tie order."""
+    n, numel = len(tensors), base.numel()
+    deltas = torch.stack([t - base for t in tensors])
+    for i in range(n):
+        d = deltas[i].reshape(-1)
+        order = torch.argsort(d.abs().float(), descending=method == "magnitude", stable=True)
+        mask = torch.zeros(numel, dtype=base.dtype)
+        if method == "magnitude":
+            mask[order[: max(1, int(densities[i] * numel))]] = 1
+        else:
+            target = int(densities[i] * numel)
+            bottom = max(0, numel - target - int(gammas[i] * numel))
+            mask[order[bottom : bottom + target]] = 1
+        deltas[i] = (d * mask).reshape(base.shape)
+    w = torch.tensor(weights, dtype=base.dtype).reshape((n,) + (1,) * base.dim())
+    deltas = deltas * w
+    if consensus:
+        agree = deltas.sign() == ((deltas.sum(0) >= 0).to(base.dtype) * 2 - 1)
+        mixed, divisor = (deltas * agree).sum(0), (w * agree).sum(0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed, divisor = deltas.sum(0), w.sum(0)
+    if normalize:
+        mixed = mixed / divisor
+    return (base + mixed).to(base.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("method", "consensus"), [("magnitude", True), ("magnitude", False), ("outliers", False), ("outliers", True)])
+def test_chunked_delta_merge_equals_the_whole_tensor_formula(dtype, method, consensus, monkeypatch):
+    monkeypatch.setattr("merge.chunks.CHUNK", 4096)
+    gen = torch.Generator().manual_seed(11)
+    shape = (37, 512)  # several chunks, the last one short
+    base = torch.randn(shape, generator=gen).to(dtype)
+    # Coarse deltas: many equal magnitudes, so ties at the cut are common.
+    tensors = [(base.float() + torch.randint(-20, 21, shape, generator=gen) / 256).to(dtype) for _ in range(3)]
+    weights, densities, gammas = [1.0, 0.7, 0.45], [0.5, 0.3, 0.8], [0.02, 0.1, 0.0]
+    ours = merge_deltas(
+        base,
+        tensors,
+        weights,
+        densities=densities,
+        sparsification=Sparsification(method),
+        consensus=Consensus.sum if consensus else None,
+        normalize=True,
+        gammas=gammas,
+    )
+    expected = reference_merge(base, tensors, weights, densities, method, consensus, True, gammas)
+    assert ours.dtype == dtype
+    assert bool((ours == expected).all())  # equal up to the sign of zero
