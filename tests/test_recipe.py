@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from weightsmith.checkpoint import Checkpoint
 from weightsmith.errors import WeightsmithError
@@ -27,7 +28,7 @@ def test_unknown_key_names_key_step_and_allowed_keys(tmp_path):
 
 
 def test_unknown_pass_and_bad_value(tmp_path):
-    with pytest.raises(WeightsmithError, match="step 1: unknown pass 'shrink'; passes: quantize"):
+    with pytest.raises(WeightsmithError, match="step 1: unknown pass .shrink.; passes: merge, quantize"):
         load_recipe(write(tmp_path, "steps:\n  - pass: shrink\n"))
     with pytest.raises(WeightsmithError, match=r"step 1 \(quantize\): bits: Value error, bits must be 2, 3, 4 or 8"):
         load_recipe(write(tmp_path, "steps:\n  - pass: quantize\n    bits: 5\n"))
@@ -59,3 +60,27 @@ def test_two_steps_chain_and_record_lineage(tmp_path, tiny_llama, cli):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     again = cli("run", path, tiny_llama, "--out", tmp_path / "out")
     assert again.exit_code == 2 and "already exists; pass --force" in again.stderr
+
+
+def test_merge_then_quantize(tmp_path, cli):
+    from .conftest import make_tiny_llama
+
+    a = make_tiny_llama(tmp_path / "a", seed=1)
+    b = make_tiny_llama(tmp_path / "b", seed=2, vocab=Checkpoint(a).config["vocab_size"])
+    path = write(
+        tmp_path,
+        f"steps:\n  - pass: merge\n    merge_method: linear\n    models:\n      - model: {a}\n        parameters: {{weight: 1.0}}\n"
+        f"      - model: {b}\n        parameters: {{weight: 1.0}}\n"
+        "  - pass: quantize\n    method: rtn\n    bits: 8\n    group_size: 16\n",
+    )
+    steps = load_recipe(path)
+    assert [name for name, _ in steps] == ["merge", "quantize"]
+    result = cli("run", path, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    out, ca, cb = Checkpoint(tmp_path / "out"), Checkpoint(a), Checkpoint(b)
+    mean = (ca.get("model.norm.weight") + cb.get("model.norm.weight")) / 2
+    assert torch.allclose(out.get("model.norm.weight"), mean)  # norms are merged, not quantized
+    w = out.get("model.layers.0.mlp.up_proj.weight")
+    assert len(torch.unique(w[0, :16])) <= 2**8
+    record = json.loads((tmp_path / "out" / "weightsmith.json").read_text())
+    assert record["pass"] == "quantize" and record["inputs"][0]["parent"]["pass"] == "merge"

@@ -273,7 +273,7 @@ def demo_cmd(
     compare(folder, dest, text, max_tokens, title=f"SmolLM2-135M-Instruct, preset {recipe.stem}")
 
 
-def run_steps(steps, model: Path, dest: Path, force: bool) -> None:
+def run_steps(steps, model: Path | None, dest: Path, force: bool) -> None:
     from weightsmith.recipe import run_recipe
 
     start = time.perf_counter()
@@ -312,13 +312,11 @@ def run_cmd(
     path = Path(recipe) if Path(recipe).exists() else preset_path(recipe)
     steps = load_recipe(path)
     spec = model or recipe_model(path)
-    if spec is None:
-        raise WeightsmithError(path, "no input model: pass MODEL or give the recipe a `model` key")
     if out_dir is None:
         raise WeightsmithError(None, "pass --out OUT, the checkpoint folder to write")
-    src = resolve(spec)
+    src = resolve(spec) if spec is not None else None
     run_steps(steps, src, out_dir, force)
-    if eval_text is not None:
+    if eval_text is not None and src is not None:
         compare(src, out_dir, eval_text, 20480, title=f"pinned protocol on {eval_text}")
 
 

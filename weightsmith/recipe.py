@@ -36,7 +36,9 @@ class PassSpec:
     """One pass a recipe can name: its settings model and how to run it."""
 
     settings: type[BaseModel]
-    run: Callable[[Checkpoint, Path, BaseModel, dict], dict]
+    run: Callable[[Checkpoint | None, Path, BaseModel, dict], dict]
+    #: False for passes that name their own inputs (merge): they ignore the previous step's output.
+    needs_input: bool = True
 
 
 def _run_quantize(src: Checkpoint, dest: Path, settings: BaseModel, runtime: dict) -> dict:
@@ -47,11 +49,18 @@ def _run_quantize(src: Checkpoint, dest: Path, settings: BaseModel, runtime: dic
     return report.figures()
 
 
+def _run_merge(src: Checkpoint | None, dest: Path, settings: BaseModel, runtime: dict) -> dict:
+    from merge.run import merge_checkpoints
+
+    return merge_checkpoints(settings, dest, **runtime).figures()
+
+
 def passes() -> dict[str, PassSpec]:
     """The pass registry: name in a recipe -> settings model and runner."""
     from compress.config import QuantizeConfig
+    from merge.config import MergeConfig
 
-    return {"quantize": PassSpec(QuantizeConfig, _run_quantize)}
+    return {"quantize": PassSpec(QuantizeConfig, _run_quantize), "merge": PassSpec(MergeConfig, _run_merge, needs_input=False)}
 
 
 def recipe_model(path: Path) -> str | None:
@@ -108,7 +117,7 @@ def load_recipe(path: Path) -> list[tuple[str, BaseModel]]:
 
 def run_recipe(
     steps: list[tuple[str, BaseModel]],
-    model: Path,
+    model: Path | None,
     dest: Path,
     *,
     force: bool = False,
@@ -120,9 +129,11 @@ def run_recipe(
     if dest.exists() and not force:
         raise WeightsmithError(dest, "already exists; pass --force to overwrite it")
     registry = passes()
+    if model is None and registry[steps[0][0]].needs_input:
+        raise WeightsmithError(None, f"the first step ({steps[0][0]}) needs an input model: pass MODEL or give the recipe a `model` key")
     figures = []
     with tempfile.TemporaryDirectory(prefix="weightsmith-recipe-", dir=work_dir) as work:
-        current = Checkpoint(model)
+        current = Checkpoint(model) if model is not None else None
         for i, (name, settings) in enumerate(steps, start=1):
             if on_step is not None:
                 on_step(i, name)
