@@ -3,7 +3,8 @@
 Run:  .venv/bin/python bench/quantize.py [--rows NAME ...] [--samples 128] [--out bench/out/quantize.json]
 
 Every run is a whole process measured by /usr/bin/time -v (wall time, peak RSS); runs alternate
-between weightsmith and the peer. Quality is the pinned protocol (WikiText-2 test, first 20,480
+between weightsmith and the peer. All outputs are then evaluated together by one `weightsmith eval`
+(the reference model runs once per window for all of them). Quality is the pinned protocol (WikiText-2 test, first 20,480
 tokens, 512-token windows, fp32) with KL and top-1 agreement against the unquantized model.
 Calibration: `--samples` blocks of 512 tokens of wikitext2-test-calib.raw (in domain; disjoint from
 the evaluated tokens) or of Tiny Shakespeare (out of domain), the same blocks for both tools (they
@@ -128,17 +129,23 @@ def run_row(row: Row, model: Path, work: Path, calib_ids: dict[str, Path], calib
     return dest, {"wall_s": run.wall_s, "peak_rss_mb": run.peak_rss_mb}
 
 
-def evaluate_row(folder: Path, reference: Path, text: Path) -> dict:
-    run = measure([str(VENV_BIN / "weightsmith"), "eval", str(folder), "--text", str(text), "--reference", str(reference),
-                   "--json", str(folder / "eval.json")], env=OFFLINE)
-    report = json.loads((folder / "eval.json").read_text())
-    info = json.loads(measure([str(VENV_BIN / "weightsmith"), "inspect", str(folder), "--json"]).stdout)
-    bpw = None
-    record = folder / "weightsmith.json"
-    if record.exists():
-        bpw = json.loads(record.read_text())["figures"].get("bits_per_weight")
-    return {"perplexity": report["perplexity"], "kl": report["kl"], "top1": report["top1_agreement"], "size_bytes": info["size_bytes"],
-            "bits_per_weight": bpw, "eval_s": run.wall_s}
+def evaluate_rows(folders: dict[str, Path], reference: Path, text: Path) -> dict[str, dict]:
+    """Evaluate every output in one `weightsmith eval` process: the reference runs once per window."""
+    names = list(folders)
+    out = folders[names[0]].parent / "eval.json"
+    run = measure([str(VENV_BIN / "weightsmith"), "eval", *[str(folders[n]) for n in names], "--text", str(text), "--reference", str(reference),
+                   "--json", str(out)], env=OFFLINE)
+    docs = json.loads(out.read_text())
+    docs = docs if isinstance(docs, list) else [docs]
+    results = {}
+    for name, report in zip(names, docs):
+        record = folders[name] / "weightsmith.json"
+        bpw = json.loads(record.read_text())["figures"].get("bits_per_weight") if record.exists() else None
+        results[name] = {"perplexity": report["perplexity"], "kl": report["kl"], "top1": report["top1_agreement"],
+                         "size_bytes": report["size_bytes"], "bits_per_weight": bpw}
+    log_eval = {"eval_s_all_rows": run.wall_s, "rows": len(names)}
+    print(json.dumps(log_eval), flush=True)
+    return results
 
 
 def markdown(results: dict) -> str:
@@ -182,16 +189,22 @@ def main() -> None:
         calib_ids = {c: calibration_ids(model, c, args.samples, work) for c in calib_text}
         known = rows()
         chosen = [r for pattern in args.rows for r in known if pattern == r.name] if args.rows else known
-        for row in chosen:
+        folders: dict[str, Path] = {}
+        for row in chosen:  # quantize every row first (tools alternate), then evaluate them together
             print(f"== {row.name}", flush=True)
             try:
                 dest, timing = run_row(row, model, work, calib_ids, calib_text, args.samples)
-                results[row.name] = {**timing, **evaluate_row(dest, model, text), "samples": args.samples}
+                results[row.name] = {**timing, "samples": args.samples}
+                folders[row.name] = dest
             except RuntimeError as exc:
                 results[row.name] = {"error": str(exc).splitlines()[-1][:300]}
             print(json.dumps(results[row.name]), flush=True)
             args.out.write_text(json.dumps(results, indent=2))
-            shutil.rmtree(work / row.name.replace(" ", "_").replace("/", "-"), ignore_errors=True)
+        if folders:
+            for name, figures in evaluate_rows(folders, model, text).items():
+                results[name].update(figures)
+            args.out.write_text(json.dumps(results, indent=2))
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

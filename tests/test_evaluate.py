@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 
 from weightsmith.data import read_text, tokenize
@@ -86,3 +87,20 @@ def test_tokenize_adds_no_special_tokens(tiny_llama):
     ids = tokenize(tokenizer, "the harbour town", max_tokens=3)
     assert ids.dtype == torch.long and ids.numel() <= 3
     assert tokenizer.decode(tokenize(tokenizer, "the harbour town")) == "the harbour town"
+
+
+def test_several_models_at_once_equal_one_at_a_time(tiny_llama, tmp_path, cli):
+    other = make_tiny_llama(tmp_path / "other", seed=3)
+    protocol = Protocol(ctx=32, max_tokens=160)
+    from weightsmith.evaluate import evaluate_many
+
+    together = evaluate_many([tiny_llama, other], SAMPLE_TEXT, protocol, reference_dir=tiny_llama)
+    alone = [evaluate(m, SAMPLE_TEXT, protocol, reference_dir=tiny_llama) for m in (tiny_llama, other)]
+    for a, b in zip(together, alone):
+        assert a.perplexity == b.perplexity and a.kl == b.kl and a.top1_agreement == b.top1_agreement
+    out = tmp_path / "r.json"
+    result = cli("eval", tiny_llama, other, "--text", SAMPLE_TEXT, "--ctx", "32", "--max-tokens", "160", "--json", out)
+    assert result.exit_code == 0, result.output
+    docs = json.loads(out.read_text())
+    assert [d["model"] for d in docs] == [str(tiny_llama), str(other)]
+    assert docs[1]["perplexity"] == pytest.approx(alone[1].perplexity)

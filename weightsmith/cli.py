@@ -147,7 +147,7 @@ def inspect_cmd(
 
 @command("eval")
 def eval_cmd(
-    model: Annotated[str, typer.Argument(help="Checkpoint folder or hub id to evaluate.")],
+    models: Annotated[list[str], typer.Argument(help="Checkpoint folder(s) or hub id(s) to evaluate, on the same tokens.")],
     text: Annotated[Path, typer.Option("--text", help="Evaluation text file or folder (e.g. WikiText-2 test).")],
     reference: Annotated[
         str | None, typer.Option("--reference", help="Reference model for KL(reference || model) and top-1 agreement.")
@@ -156,24 +156,29 @@ def eval_cmd(
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Evaluate the first N tokens of the text.")] = 20480,
     dtype: Annotated[str, typer.Option("--dtype", help="Compute dtype: fp32, bf16, fp16.")] = "fp32",
     device: Annotated[str, typer.Option("--device", help="torch device, e.g. cpu or cuda.")] = "cpu",
-    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report(s) as JSON here (a list for several models).")] = None,
 ) -> None:
-    """Perplexity (and KL / top-1 agreement to a reference) by the pinned evaluation protocol."""
-    from weightsmith.evaluate import Protocol, evaluate
+    """Perplexity (and KL / top-1 agreement to a reference) by the pinned evaluation protocol.
+
+    Several models are evaluated window by window together, so the reference runs once per window.
+    """
+    from weightsmith.evaluate import Protocol, evaluate_many
     from weightsmith.models import parse_dtype, resolve
 
     protocol = Protocol(ctx=ctx, max_tokens=max_tokens, dtype=str(parse_dtype(dtype)).removeprefix("torch."), device=device)
-    model_dir = resolve(model)
+    model_dirs = [resolve(m) for m in models]
     ref_dir = resolve(reference) if reference else None
     start = time.perf_counter()
     with progress_bar() as bar:
         task = bar.add_task("evaluating", total=None)
-        report = evaluate(model_dir, text, protocol, ref_dir, progress=lambda i, n: bar.update(task, completed=i, total=n))
-    report.extra["seconds"] = round(time.perf_counter() - start, 2)
-    out.print(report_table([report]))
-    out.print(f"protocol: {report.protocol}; {report.positions} scored positions in {report.windows} windows", highlight=False)
+        reports = evaluate_many(model_dirs, text, protocol, ref_dir, progress=lambda i, n: bar.update(task, completed=i, total=n))
+    for report in reports:
+        report.extra["seconds"] = round(time.perf_counter() - start, 2)
+    out.print(report_table(reports))
+    out.print(f"protocol: {reports[0].protocol}; {reports[0].positions} scored positions in {reports[0].windows} windows", highlight=False)
     if json_out is not None:
-        json_out.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        docs = [r.to_dict() for r in reports]
+        json_out.write_text(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2) + "\n")
 
 
 def report_table(reports: list, labels: list[str] | None = None, title: str | None = None) -> Table:

@@ -96,6 +96,28 @@ def window_sums(logits: torch.Tensor, ids: torch.Tensor, ref_logits: torch.Tenso
 
 
 @torch.inference_mode()
+def evaluate_tokens_many(
+    models: list,
+    tokens: torch.Tensor,
+    ctx: int,
+    reference=None,
+    device: str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+) -> list[WindowSums]:
+    """:func:`evaluate_tokens` for several models at once: each window's reference logits are
+    computed once and compared with every model's."""
+    spans = window_spans(tokens.numel(), ctx)
+    totals = [WindowSums() for _ in models]
+    for i, (start, end) in enumerate(spans):
+        ids = tokens[start:end].to(device)
+        ref_logits = reference(ids[None]).logits[0].float() if reference is not None else None
+        for model, total in zip(models, totals):
+            total.add(window_sums(model(ids[None]).logits[0].float(), ids, ref_logits))
+        if progress is not None:
+            progress(i + 1, len(spans))
+    return totals
+
+
 def evaluate_tokens(
     model,
     tokens: torch.Tensor,
@@ -105,16 +127,7 @@ def evaluate_tokens(
     progress: Callable[[int, int], None] | None = None,
 ) -> WindowSums:
     """Run the protocol's windows over ``tokens`` (already cut to max_tokens)."""
-    spans = window_spans(tokens.numel(), ctx)
-    total = WindowSums()
-    for i, (start, end) in enumerate(spans):
-        ids = tokens[start:end].to(device)
-        logits = model(ids[None]).logits[0].float()
-        ref_logits = reference(ids[None]).logits[0].float() if reference is not None else None
-        total.add(window_sums(logits, ids, ref_logits))
-        if progress is not None:
-            progress(i + 1, len(spans))
-    return total
+    return evaluate_tokens_many([model], tokens, ctx, reference, device, progress)[0]
 
 
 def evaluate(
@@ -125,36 +138,57 @@ def evaluate(
     progress: Callable[[int, int], None] | None = None,
 ) -> Report:
     """Evaluate the checkpoint folder ``model_dir`` on ``text_path`` by the pinned protocol."""
+    return evaluate_many([model_dir], text_path, protocol, reference_dir, progress)[0]
+
+
+def evaluate_many(
+    model_dirs: list[Path],
+    text_path: Path,
+    protocol: Protocol = Protocol(),
+    reference_dir: Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Report]:
+    """Evaluate several checkpoint folders on the same tokens (tokenized with the first model's
+    tokenizer), running the reference once per window for all of them."""
     from weightsmith.models import load_model, load_tokenizer, parse_dtype
 
-    ckpt = Checkpoint(model_dir)
+    ckpts = [Checkpoint(d) for d in model_dirs]
     dtype = parse_dtype(protocol.dtype)
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dirs[0])
     text = read_text(text_path)
     tokens = tokenize(tokenizer, text, protocol.max_tokens)
     if tokens.numel() < 2:
         raise WeightsmithError(text_path, "text has fewer than two tokens")
-    model = load_model(model_dir, dtype, protocol.device)
+    models = [load_model(d, dtype, protocol.device) for d in model_dirs]
+    for d, model in zip(model_dirs[1:], models[1:]):
+        if model.config.vocab_size != models[0].config.vocab_size:
+            raise WeightsmithError(d, f"vocabulary size {model.config.vocab_size} differs from {model_dirs[0]}'s {models[0].config.vocab_size}")
     reference = None
     if reference_dir is not None:
         reference = load_model(reference_dir, dtype, protocol.device)
-        ours, theirs = model.config.vocab_size, reference.config.vocab_size
+        ours, theirs = models[0].config.vocab_size, reference.config.vocab_size
         if ours != theirs:
             raise WeightsmithError(reference_dir, f"vocabulary size {theirs} differs from the model's {ours}")
-    sums = evaluate_tokens(model, tokens, protocol.ctx, reference, protocol.device, progress)
-    mean_nll = sums.nll / sums.positions
-    return Report(
-        model=str(model_dir),
-        text=str(text_path),
-        text_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
-        protocol=protocol.describe(),
-        perplexity=math.exp(mean_nll),
-        mean_nll=mean_nll,
-        positions=sums.positions,
-        windows=sums.windows,
-        size_bytes=ckpt.file_bytes,
-        num_parameters=ckpt.num_parameters,
-        reference=None if reference_dir is None else str(reference_dir),
-        kl=None if reference is None else sums.kl / sums.positions,
-        top1_agreement=None if reference is None else sums.top1 / sums.positions,
-    )
+    all_sums = evaluate_tokens_many(models, tokens, protocol.ctx, reference, protocol.device, progress)
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    reports = []
+    for model_dir, ckpt, sums in zip(model_dirs, ckpts, all_sums):
+        mean_nll = sums.nll / sums.positions
+        reports.append(
+            Report(
+                model=str(model_dir),
+                text=str(text_path),
+                text_sha256=digest,
+                protocol=protocol.describe(),
+                perplexity=math.exp(mean_nll),
+                mean_nll=mean_nll,
+                positions=sums.positions,
+                windows=sums.windows,
+                size_bytes=ckpt.file_bytes,
+                num_parameters=ckpt.num_parameters,
+                reference=None if reference_dir is None else str(reference_dir),
+                kl=None if reference is None else sums.kl / sums.positions,
+                top1_agreement=None if reference is None else sums.top1 / sums.positions,
+            )
+        )
+    return reports
