@@ -8,7 +8,7 @@ import torch
 from compress.config import QuantizeConfig
 from compress.quantize import calibration_tokens, quantize_checkpoint
 from weightsmith.checkpoint import Checkpoint
-from weightsmith.evaluate import Protocol, evaluate
+from weightsmith.evaluate import Protocol, evaluate_many
 from weightsmith.models import load_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -29,7 +29,8 @@ def quantized(smollm2, assets, tmp_path_factory):
 
 def test_gptq_and_awq_beat_rtn_on_wikitext(quantized, smollm2, assets):
     text = assets / "text" / "wikitext2-test.raw"
-    ppl = {m: evaluate(folder, text, Protocol()).perplexity for m, folder in quantized.items()}
+    reports = evaluate_many(list(quantized.values()), text, Protocol())
+    ppl = {m: r.perplexity for m, r in zip(quantized, reports)}
     base = 28.74
     assert base < ppl["gptq"] < ppl["rtn"], ppl
     assert base < ppl["awq"] < ppl["rtn"], ppl

@@ -111,8 +111,8 @@ def capture_first_layer_inputs(model, arch: Arch, ckpt: Checkpoint, samples: tor
 
 
 def load_params_if_present(module: nn.Module, prefix: str, ckpt: Checkpoint, dtype: torch.dtype, device: str) -> None:
-    """Like :func:`load_params` for modules in front of the layers; parameters the checkpoint lacks
-    (tied heads and such are not on this path) are an error only when the module is used."""
+    """:func:`load_params` for a module in front of the layers, skipped when the checkpoint stores
+    none of its parameters (a final norm or head that calibration never runs, e.g. a tied head)."""
     if any(prefix + name in ckpt for name, _ in module.named_parameters()):
         load_params(module, prefix, ckpt, dtype, device)
 

@@ -226,6 +226,10 @@ class Checkpoint:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise WeightsmithError(path, f"not valid JSON: {exc}") from None
 
+    def stored_raw(self, name: str) -> bool:
+        """Whether ``name``'s bytes sit in a safetensors file (so they can be copied as they are)."""
+        return self.info(name).file not in self._pickled
+
     # ---- data ---------------------------------------------------------------------------------
     def get(self, name: str) -> torch.Tensor:
         """The tensor ``name``, memory-mapped (copy-on-write) from its file: only its pages are read,
@@ -368,7 +372,7 @@ class CheckpointWriter:
         """Append ``name`` from ``checkpoint`` unchanged. Bytes go file to file in the kernel when
         the source is safetensors, without passing through Python."""
         info = checkpoint.info(name)
-        if info.file in checkpoint._pickled or not hasattr(os, "copy_file_range"):
+        if not checkpoint.stored_raw(name) or not hasattr(os, "copy_file_range"):
             self.add(as_name or name, checkpoint.get(name))
             return
         as_name = as_name or name
