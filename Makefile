@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-slow bench clean
+.PHONY: venv demo test test-slow bench bench-quantize bench-merge peers clean
 
 $(BIN)/weightsmith: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,16 @@ test-slow: venv
 
 bench: venv
 	$(BIN)/python bench/io.py
+
+# Peer tools (mergekit, llm-compressor, GPTQModel) in their own venv, for bench/ only.
+peers:
+	bash bench/setup-peers.sh
+
+bench-quantize: venv peers
+	$(BIN)/python bench/quantize.py
+
+bench-merge: venv peers
+	$(BIN)/python bench/merge.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

@@ -10,8 +10,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from compress.grid import QuantGrid
 from compress.targets import DEFAULT_IGNORE, Selection, matches
 
-Method = Literal["rtn", "gptq", "awq"]
-CALIBRATED = ("gptq", "awq")
+Method = Literal["rtn", "gptq", "awq", "awq_gptq"]
+CALIBRATED = ("gptq", "awq", "awq_gptq")
+#: Methods that search and fold AWQ scales first, and methods whose quantizer is GPTQ: ``awq_gptq``
+#: is both (AWQ's scaling, then GPTQ on the scaled weights with Hessians of the scaled inputs).
+SCALED = ("awq", "awq_gptq")
+GPTQ_QUANTIZER = ("gptq", "awq_gptq")
 
 
 class Override(BaseModel):

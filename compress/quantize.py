@@ -1,4 +1,4 @@
-"""The quantize pass: RTN (streaming), GPTQ and AWQ (layer by layer), written dense or packed.
+"""The quantize pass: RTN (streaming), GPTQ, AWQ and AWQ+GPTQ (layer by layer), written dense or packed.
 
 ``quantize_checkpoint`` reads one checkpoint folder and writes one. RTN needs no model: it walks the
 tensors. GPTQ and AWQ run the decoder layers one at a time on calibration tokens
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from compress.awq import awq_clip_ratios, fold_scales_into_linear, fold_scales_into_norm, scale_input_channels, search_awq_scales
-from compress.config import LinearSettings, QuantizeConfig
+from compress.config import GPTQ_QUANTIZER, SCALED, LinearSettings, QuantizeConfig
 from compress.gptq import accumulate_hessian, gptq_quantize
 from compress.grid import QuantGrid, QuantizedTensor, mse_clip_search, quantize
 from compress.pack import quantization_config, ragged_group_reason, to_compressed_tensors
@@ -205,14 +205,15 @@ def _quantize_layer(
     """Quantize every selected linear of one loaded layer; leaves the dequantized weights in the
     module so that the runner propagates the quantization error to the next layer."""
     mine = {lin: linears[step.prefix + lin] for lin in arch.linears if step.prefix + lin in linears}
-    clip_inputs = _apply_awq(step, arch, config, mine) if any(s.method == "awq" for s in mine.values()) else {}
-    hessians = _hessians(step, [lin for lin, s in mine.items() if s.method == "gptq"])
+    clip_inputs = _apply_awq(step, arch, config, mine) if any(s.method in SCALED for s in mine.values()) else {}
+    # after AWQ's folding, so that awq_gptq's Hessians are those of the scaled inputs
+    hessians = _hessians(step, [lin for lin, s in mine.items() if s.method in GPTQ_QUANTIZER])
     quantized: dict[str, QuantizedTensor] = {}
     for lin, settings in mine.items():
         module = get_module(step.module, lin)
         dtype = src.info(f"{step.prefix}{lin}.weight").dtype
         w = module.weight.data
-        if settings.method == "gptq":
+        if settings.method in GPTQ_QUANTIZER:
             clip = mse_clip_search(w.to(dtype), settings.grid) if config.clip else None
             q, loss = gptq_quantize(
                 w.to(dtype), hessians[lin], settings.grid, damp=config.damp, block_size=config.block_size, act_order=config.act_order, clip=clip
@@ -269,7 +270,7 @@ def _hessians(step: LayerStep, names: list[str]) -> dict[str, torch.Tensor]:
 def _apply_awq(step: LayerStep, arch: Arch, config: QuantizeConfig, mine: dict[str, LinearSettings]) -> dict[str, torch.Tensor]:
     """Search and fold AWQ scales for every scale group whose linears all use AWQ; returns the
     scaled inputs of each scaled linear (for the clipping search)."""
-    groups = [g for g in arch.scale_groups if all(mine.get(lin) is not None and mine[lin].method == "awq" for lin in g.linears)]
+    groups = [g for g in arch.scale_groups if all(mine.get(lin) is not None and mine[lin].method in SCALED for lin in g.linears)]
     if not groups:
         return {}
     inputs: dict[str, list[torch.Tensor]] = {}

@@ -59,7 +59,7 @@ def logits(folder, ids):
 
 
 @pytest.mark.parametrize("family", ["llama", "neox"])
-@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq", "awq_gptq"])
 def test_every_method_and_format_loads_and_agrees(models, tmp_path, family, method):
     src = Checkpoint(models[family])
     tokens = calib(src.folder)
@@ -100,10 +100,10 @@ def test_gptq_and_awq_beat_rtn_on_the_model_output(models, tmp_path):
     ids = calib(src.folder, n=4, seq=32)
     base = logits(src.folder, ids)
     err = {}
-    for method in ("rtn", "gptq", "awq"):
+    for method in ("rtn", "gptq", "awq", "awq_gptq"):
         quantize_checkpoint(src, tmp_path / method, QuantizeConfig(method=method, bits=3, group_size=32), calib_tokens=tokens)
         err[method] = float((logits(tmp_path / method, ids) - base).pow(2).mean())
-    assert err["gptq"] < err["rtn"] and err["awq"] < err["rtn"], err
+    assert err["gptq"] < err["rtn"] and err["awq"] < err["rtn"] and err["awq_gptq"] < err["rtn"], err
 
 
 def test_same_seed_gives_byte_identical_output(models, tmp_path):

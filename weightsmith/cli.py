@@ -371,7 +371,7 @@ def validation_message(exc) -> str:
 def quantize_cmd(
     model: Annotated[str, typer.Argument(help="Checkpoint folder or hub id.")],
     out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="Checkpoint folder to write.")],
-    method: Annotated[str, typer.Option("--method", help="rtn (data-free), gptq or awq.")] = "gptq",
+    method: Annotated[str, typer.Option("--method", help="rtn (data-free), gptq, awq, or awq_gptq (AWQ scaling, then GPTQ on the scaled weights).")] = "gptq",
     bits: Annotated[int, typer.Option("--bits", help="2, 3, 4 or 8.")] = 4,
     group_size: Annotated[int, typer.Option("--group-size", help="Columns per scale; -1 = one scale per output channel. A size that does not divide the width gives a shorter last group.")] = 128,
     sym: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric grid, or asymmetric with integer zero points.")] = True,
