@@ -41,9 +41,10 @@ class Row:
 
 
 def rows() -> list[Row]:
-    """Every row the bench knows, in run order: the peer beside ours for each setting. weightsmith's
-    GPTQ runs with --act-order because llm-compressor's GPTQModifier applies static activation
-    ordering by default."""
+    """Every row the bench knows, in run order: the peer beside ours for each setting (RTN and GPTQ at
+    three grids and two calibrations; AWQ at W4 g64 against GPTQModel), then our candidates for the
+    best result at 4.5 bits per weight or less. weightsmith's GPTQ runs with --act-order because
+    llm-compressor's GPTQModifier applies static activation ordering by default."""
     out: list[Row] = []
     for bits, gs, tag in ((4, 64, "W4 g64"), (3, 64, "W3 g64"), (4, -1, "W4 per-channel")):
         out.append(Row(f"{tag} rtn / llmc", "llmcompressor", "rtn", bits, gs, "none"))
@@ -51,10 +52,12 @@ def rows() -> list[Row]:
         for calib in ("wikitext", "shakespeare"):
             out.append(Row(f"{tag} gptq {calib} / llmc", "llmcompressor", "gptq", bits, gs, calib))
             out.append(Row(f"{tag} gptq {calib} / ws", "weightsmith", "gptq", bits, gs, calib, ("--act-order",)))
-            out.append(Row(f"{tag} awq {calib} / ws", "weightsmith", "awq", bits, gs, calib))
+    out.append(Row("W4 g64 awq wikitext / ws", "weightsmith", "awq", 4, 64, "wikitext"))
     out.append(Row("W4 g64 awq wikitext / gptqmodel", "gptqmodel", "awq", 4, 64, "wikitext"))
-    out.append(Row("W4 g64 asym awq wikitext / ws", "weightsmith", "awq", 4, 64, "wikitext", ("--asym",)))
     out.append(Row("W4 g64 asym gptq clip wikitext / ws", "weightsmith", "gptq", 4, 64, "wikitext", ("--asym", "--clip", "--act-order")))
+    out.append(Row("W4 g64 awq_gptq wikitext / ws", "weightsmith", "awq_gptq", 4, 64, "wikitext", ("--act-order",)))
+    out.append(Row("W4 g64 asym awq_gptq wikitext / ws", "weightsmith", "awq_gptq", 4, 64, "wikitext", ("--asym", "--act-order")))
+    out.append(Row("W4 g32 awq_gptq wikitext / ws", "weightsmith", "awq_gptq", 4, 32, "wikitext", ("--act-order",)))
     return out
 
 
@@ -82,18 +85,46 @@ else:
 oneshot(model=model, recipe=recipe, output_dir=out_dir, save_compressed=True, **kwargs)
 """
 
+#: GPTQModel quantizes and saves its own format (AWQ GEMM), which our venv cannot load; so the script
+#: loads the saved model back with GPTQModel and writes a dense bf16 copy for the shared evaluation:
+#: each quantized linear's weight is read out by feeding it the identity matrix, and every other
+#: tensor (norms that AWQ rescaled, embeddings) is copied. Its size is that of the native folder.
 GPTQMODEL_SCRIPT = r"""
 import sys, torch
 from gptqmodel import GPTQModel
 from gptqmodel.quantization import QuantizeConfig, METHOD, FORMAT
+from transformers import AutoModelForCausalLM
 model_dir, out_dir, method, bits, gs, calib = sys.argv[1:7]
 ids = torch.load(calib)
 data = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in ids]
+backend = "awq_torch" if method == "awq" else "auto"
 qcfg = QuantizeConfig(bits=int(bits), group_size=int(gs), sym=True, quant_method=METHOD.AWQ if method == "awq" else METHOD.GPTQ,
                       format=FORMAT.GEMM if method == "awq" else FORMAT.GPTQ)
 model = GPTQModel.load(model_dir, qcfg, device="cpu")
-model.quantize(data, batch_size=8, backend="awq_torch" if method == "awq" else "auto")
-model.save(out_dir)
+model.quantize(data, batch_size=8, backend=backend)
+native = out_dir + "-native"
+model.save(native)
+del model
+qmodel = GPTQModel.load(native, device="cpu", backend=backend)
+dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+target = dict(dense.named_modules())
+state = dense.state_dict()
+n = 0
+with torch.no_grad():
+    for name, mod in qmodel.model.named_modules():
+        lin = target.get(name)
+        if not isinstance(lin, torch.nn.Linear) or type(mod) is torch.nn.Linear or not hasattr(mod, "qweight"):
+            continue
+        out = mod(torch.eye(lin.in_features, dtype=torch.float16)).float()
+        if getattr(mod, "bias", None) is not None:
+            out = out - mod.bias.float()
+        lin.weight.copy_(out.t().to(lin.weight.dtype))
+        n += 1
+    for key, value in qmodel.model.state_dict().items():
+        if key in state and state[key].shape == value.shape and value.is_floating_point():
+            state[key].copy_(value.to(state[key].dtype))
+assert n > 0, "no quantized linear found"
+dense.save_pretrained(out_dir)
 """
 
 
@@ -126,7 +157,11 @@ def run_row(row: Row, model: Path, work: Path, calib_ids: dict[str, Path], calib
     script_path.write_text(script)
     run = measure([str(PEERS_BIN / "python"), str(script_path), str(model), str(dest), row.method, str(row.bits), str(row.group_size),
                    str(calib_ids.get(row.calib, ""))], env=OFFLINE)
-    return dest, {"wall_s": run.wall_s, "peak_rss_mb": run.peak_rss_mb}
+    figures = {"wall_s": run.wall_s, "peak_rss_mb": run.peak_rss_mb}
+    native = dest.parent / f"{dest.name}-native"
+    if native.is_dir():  # GPTQModel: the size is its own format's, not the dense copy's
+        figures["native_size_bytes"] = sum(f.stat().st_size for f in native.glob("*.safetensors"))
+    return dest, figures
 
 
 def evaluate_rows(folders: dict[str, Path], reference: Path, text: Path) -> dict[str, dict]:
@@ -160,7 +195,7 @@ def markdown(results: dict) -> str:
             continue
         bpw = "-" if r.get("bits_per_weight") is None else f"{r['bits_per_weight']:.2f}"
         lines.append(
-            f"| {name} | {r['perplexity']:.2f} | {r['kl']:.3f} | {100 * r['top1']:.1f}% | {r['size_bytes'] / 1e6:.0f} MB | {bpw} "
+            f"| {name} | {r['perplexity']:.2f} | {r['kl']:.3f} | {100 * r['top1']:.1f}% | {r.get('native_size_bytes', r['size_bytes']) / 1e6:.0f} MB | {bpw} "
             f"| {r['wall_s']:.0f} s | {r['peak_rss_mb']:.0f} MiB |"
         )
     return "\n".join(lines)
