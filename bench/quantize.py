@@ -52,7 +52,10 @@ def rows() -> list[Row]:
         for calib in ("wikitext", "shakespeare"):
             out.append(Row(f"{tag} gptq {calib} / llmc", "llmcompressor", "gptq", bits, gs, calib))
             out.append(Row(f"{tag} gptq {calib} / ws", "weightsmith", "gptq", bits, gs, calib, ("--act-order",)))
+    # the same GPTQ and AWQ with the attention-sink position kept in the statistics (--sink-tokens 0)
+    out.append(Row("W4 g64 gptq wikitext sink-tokens 0 / ws", "weightsmith", "gptq", 4, 64, "wikitext", ("--act-order", "--sink-tokens", "0")))
     out.append(Row("W4 g64 awq wikitext / ws", "weightsmith", "awq", 4, 64, "wikitext"))
+    out.append(Row("W4 g64 awq wikitext sink-tokens 0 / ws", "weightsmith", "awq", 4, 64, "wikitext", ("--sink-tokens", "0")))
     out.append(Row("W4 g64 awq wikitext / gptqmodel", "gptqmodel", "awq", 4, 64, "wikitext"))
     out.append(Row("W4 g64 asym gptq clip wikitext / ws", "weightsmith", "gptq", 4, 64, "wikitext", ("--asym", "--clip", "--act-order")))
     out.append(Row("W4 g64 awq_gptq wikitext / ws", "weightsmith", "awq_gptq", 4, 64, "wikitext", ("--act-order",)))
