@@ -52,10 +52,7 @@ def rows() -> list[Row]:
         for calib in ("wikitext", "shakespeare"):
             out.append(Row(f"{tag} gptq {calib} / llmc", "llmcompressor", "gptq", bits, gs, calib))
             out.append(Row(f"{tag} gptq {calib} / ws", "weightsmith", "gptq", bits, gs, calib, ("--act-order",)))
-    # the same GPTQ and AWQ with the attention-sink position kept in the statistics (--sink-tokens 0)
-    out.append(Row("W4 g64 gptq wikitext sink-tokens 0 / ws", "weightsmith", "gptq", 4, 64, "wikitext", ("--act-order", "--sink-tokens", "0")))
     out.append(Row("W4 g64 awq wikitext / ws", "weightsmith", "awq", 4, 64, "wikitext"))
-    out.append(Row("W4 g64 awq wikitext sink-tokens 0 / ws", "weightsmith", "awq", 4, 64, "wikitext", ("--sink-tokens", "0")))
     out.append(Row("W4 g64 awq wikitext / gptqmodel", "gptqmodel", "awq", 4, 64, "wikitext"))
     out.append(Row("W4 g64 asym gptq clip wikitext / ws", "weightsmith", "gptq", 4, 64, "wikitext", ("--asym", "--clip", "--act-order")))
     out.append(Row("W4 g64 awq_gptq wikitext / ws", "weightsmith", "awq_gptq", 4, 64, "wikitext", ("--act-order",)))
@@ -196,6 +193,8 @@ def markdown(results: dict) -> str:
         if "error" in r:
             lines.append(f"| {name} | failed: {r['error']} | | | | | | |")
             continue
+        if "perplexity" not in r:
+            continue  # quantized, not evaluated yet
         bpw = "-" if r.get("bits_per_weight") is None else f"{r['bits_per_weight']:.2f}"
         lines.append(
             f"| {name} | {r['perplexity']:.2f} | {r['kl']:.3f} | {100 * r['top1']:.1f}% | {r.get('native_size_bytes', r['size_bytes']) / 1e6:.0f} MB | {bpw} "

@@ -122,7 +122,6 @@ def search_awq_scales(
     n_grid: int = 20,
     *,
     act_scale: Tensor | None = None,
-    skip_positions: int = 0,
 ) -> Tensor:
     """Search AWQ's per-input-channel scales for weights that share the input ``x``.
 
@@ -134,11 +133,6 @@ def search_awq_scales(
     ``x``. Returns float32 ``s`` ``[in]``: apply it with :func:`scale_input_channels` and fold
     ``1 / s`` into the producer with :func:`fold_scales_into_norm` or
     :func:`fold_scales_into_linear`.
-
-    ``skip_positions`` leaves the first positions of every sequence (``x`` ``[batch, seq, in]``)
-    out of the activation scale and of the output error, though the block still sees them: the
-    first token is an attention sink whose massive activations would otherwise set the scales
-    (https://arxiv.org/abs/2402.17762).
     """
     if not weights:
         raise ValueError("weights must hold at least one weight")
@@ -148,13 +142,12 @@ def search_awq_scales(
     for w in weights:
         if w.ndim != 2 or w.shape[1] != inp:
             raise ValueError(f"weight shape {tuple(w.shape)} does not take inputs of width {inp}")
-    skip = skip_positions if x.ndim == 3 and x.shape[1] > skip_positions else 0
-    a = activation_scale(x[:, skip:] if skip else x) if act_scale is None else act_scale.to(torch.float32)
+    a = activation_scale(x) if act_scale is None else act_scale.to(torch.float32)
     if a.shape != (inp,):
         raise ValueError(f"act_scale has shape {tuple(a.shape)}, expected ({inp},)")
     a = a.to(weights[0].device)
     with torch.no_grad():
-        reference = block_fn(x, list(weights)).to(torch.float32)[:, skip:]
+        reference = block_fn(x, list(weights)).to(torch.float32)
         best_err = math.inf
         best_alpha = 0.0
         best_s = torch.ones(inp, dtype=torch.float32, device=a.device)
@@ -162,7 +155,7 @@ def search_awq_scales(
             alpha = i / n_grid
             s = awq_scales(a, alpha)
             candidate = [_scaled_fake_quant(w, s, grid) for w in weights]
-            out = block_fn(x, candidate).to(torch.float32)[:, skip:]
+            out = block_fn(x, candidate).to(torch.float32)
             err = float((reference - out).pow(2).mean())
             if err < best_err:
                 best_err, best_alpha, best_s = err, alpha, s

@@ -49,7 +49,6 @@ class QuantizeConfig(BaseModel):
     symmetric: bool = True
     act_order: bool = False
     damp: float = Field(0.01, gt=0)
-    sink_tokens: int = Field(1, ge=0)
     block_size: int = Field(128, ge=1)
     clip: bool = False
     awq_grid: int = Field(20, ge=1)

@@ -207,7 +207,7 @@ def _quantize_layer(
     mine = {lin: linears[step.prefix + lin] for lin in arch.linears if step.prefix + lin in linears}
     clip_inputs = _apply_awq(step, arch, config, mine) if any(s.method in SCALED for s in mine.values()) else {}
     # after AWQ's folding, so that awq_gptq's Hessians are those of the scaled inputs
-    hessians = _hessians(step, [lin for lin, s in mine.items() if s.method in GPTQ_QUANTIZER], config.sink_tokens)
+    hessians = _hessians(step, [lin for lin, s in mine.items() if s.method in GPTQ_QUANTIZER])
     quantized: dict[str, QuantizedTensor] = {}
     for lin, settings in mine.items():
         module = get_module(step.module, lin)
@@ -239,15 +239,9 @@ def _batches(step: LayerStep, limit: int | None = None):
 
 
 @torch.inference_mode()
-def _hessians(step: LayerStep, names: list[str], sink_tokens: int = 0) -> dict[str, torch.Tensor]:
+def _hessians(step: LayerStep, names: list[str]) -> dict[str, torch.Tensor]:
     """GPTQ's input Hessians of the named linears, from one pass over the calibration batches.
-    Linears fed the very same input tensor (q/k/v, gate/up) share one Hessian, computed once.
-
-    The first ``sink_tokens`` positions of every calibration block are left out of the Hessians.
-    The first token of a sequence becomes an attention sink that carries massive activations in a
-    few channels (Sun et al., https://arxiv.org/abs/2402.17762); on SmolLM2-135M it holds 80% of
-    ``trace(X^T X)`` at the input of layer 28's down_proj, so GPTQ would spend its error budget on
-    that one position and leave every other token with 4x the error it could have."""
+    Linears fed the very same input tensor (q/k/v, gate/up) share one Hessian, computed once."""
     if not names:
         return {}
     sums: dict[str, torch.Tensor] = {}
@@ -263,8 +257,7 @@ def _hessians(step: LayerStep, names: list[str], sink_tokens: int = 0) -> dict[s
             shares.setdefault(name, last[1])
             return
         last[0], last[1] = x, name
-        rows = x[:, sink_tokens:] if x.ndim == 3 and x.shape[1] > sink_tokens else x
-        sums[name], counts[name] = accumulate_hessian(sums.get(name), rows, counts.get(name, 0))
+        sums[name], counts[name] = accumulate_hessian(sums.get(name), x, counts.get(name, 0))
 
     with input_hooks(step.module, tuple(names), collect):
         for hidden, kwargs in _batches(step):
@@ -302,15 +295,11 @@ def _apply_awq(step: LayerStep, arch: Arch, config: QuantizeConfig, mine: dict[s
     scaled_inputs: dict[str, torch.Tensor] = {}
     for group in groups:
         x = torch.cat(inputs[group.linears[0]])
-        scaled_inputs.update(
-            _awq_group(step, group, x, block_calls.get(group.block, []), mine[group.linears[0]].grid, config.awq_grid, config.sink_tokens)
-        )
+        scaled_inputs.update(_awq_group(step, group, x, block_calls.get(group.block, []), mine[group.linears[0]].grid, config.awq_grid))
     return scaled_inputs
 
 
-def _awq_group(
-    step: LayerStep, group: ScaleGroup, x: torch.Tensor, calls: list[tuple[tuple, dict]], grid: QuantGrid, n_grid: int, sink_tokens: int
-) -> dict[str, torch.Tensor]:
+def _awq_group(step: LayerStep, group: ScaleGroup, x: torch.Tensor, calls: list[tuple[tuple, dict]], grid: QuantGrid, n_grid: int) -> dict[str, torch.Tensor]:
     prev = get_module(step.module, group.prev)
     mods = [get_module(step.module, lin) for lin in group.linears]
     if group.needs_equal_width and prev.weight.shape[0] != mods[0].weight.shape[1]:
@@ -331,7 +320,7 @@ def _awq_group(
             for m, w in zip(mods, saved):
                 m.weight.data = w
 
-    s = search_awq_scales(x, [m.weight.data for m in mods], block_fn, grid, n_grid, skip_positions=sink_tokens)
+    s = search_awq_scales(x, [m.weight.data for m in mods], block_fn, grid, n_grid)
     for m in mods:
         m.weight.data = scale_input_channels(m.weight.data, s)
     if isinstance(prev, nn.Linear):
@@ -341,8 +330,6 @@ def _awq_group(
     if new_bias is not None:
         prev.bias.data = new_bias
     x_scaled = x / s.to(x.dtype)
-    if x_scaled.ndim == 3 and x_scaled.shape[1] > sink_tokens:
-        x_scaled = x_scaled[:, sink_tokens:]  # the clipping search weighs channels by the other positions
     return {lin: x_scaled for lin in group.linears}
 
 

@@ -20,7 +20,7 @@ def quantized(smollm2, assets, tmp_path_factory):
     src = Checkpoint(smollm2)
     out = {}
     for method in ("rtn", "gptq", "awq"):
-        config = QuantizeConfig(method=method, bits=4, group_size=64, samples=64, format="packed" if method == "gptq" else "dense")
+        config = QuantizeConfig(method=method, bits=4, group_size=64, samples=64, act_order=method == "gptq", format="packed" if method == "gptq" else "dense")
         tokens = calibration_tokens(src, config) if method != "rtn" else None
         quantize_checkpoint(src, root / method, config, calib_tokens=tokens)
         out[method] = root / method

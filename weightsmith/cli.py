@@ -378,7 +378,6 @@ def quantize_cmd(
     act_order: Annotated[bool, typer.Option("--act-order", help="GPTQ: process columns by decreasing Hessian diagonal (static groups).")] = False,
     clip: Annotated[bool, typer.Option("--clip", help="MSE-optimal clipping search per group (always on for AWQ).")] = False,
     damp: Annotated[float, typer.Option("--damp", help="GPTQ dampening, a fraction of the mean Hessian diagonal.")] = 0.01,
-    sink_tokens: Annotated[int, typer.Option("--sink-tokens", help="GPTQ: leading positions of each calibration block left out of the Hessian (the first token is an attention sink with massive activations).")] = 1,
     calib: Annotated[Path | None, typer.Option("--calib", help="Calibration text file or folder (default: WikiText-2 calibration split from the assets).")] = None,
     samples: Annotated[int, typer.Option("--samples", help="Calibration blocks.")] = 128,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration block.")] = 512,
@@ -399,7 +398,7 @@ def quantize_cmd(
     from compress.quantize import calibration_tokens, quantize_checkpoint
 
     fields = dict(
-        method=method, bits=bits, group_size=group_size, symmetric=sym, act_order=act_order, clip=clip, damp=damp, sink_tokens=sink_tokens,
+        method=method, bits=bits, group_size=group_size, symmetric=sym, act_order=act_order, clip=clip, damp=damp,
         calib=str(calib) if calib else None, samples=samples, seq_len=seq_len, awq_samples=awq_samples, format=fmt, seed=seed,
         targets=targets or None, overrides=[parse_override(o) for o in overrides or []],
     )
