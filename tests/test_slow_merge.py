@@ -49,7 +49,8 @@ def test_slerp_ends_return_the_inputs(variants, tmp_path):
 
 def test_ties_with_one_model_and_full_density_is_task_arithmetic(variants, tmp_path):
     common = {"base_model": str(variants["base"]), "dtype": "float32"}
-    merge_checkpoints({**common, "merge_method": "ties", "models": _models(variants, "ft1", weight=0.7, density=1.0)}, tmp_path / "ties")
+    ties_config = {**common, "merge_method": "ties", "models": _models(variants, "ft1", weight=0.7, density=1.0), "parameters": {"normalize": False}}
+    merge_checkpoints(ties_config, tmp_path / "ties")
     merge_checkpoints({**common, "merge_method": "task_arithmetic", "models": _models(variants, "ft1", weight=0.7)}, tmp_path / "ta")
     ties, ta = Checkpoint(tmp_path / "ties"), Checkpoint(tmp_path / "ta")
     assert set(ties.names()) == set(ta.names())
@@ -57,9 +58,9 @@ def test_ties_with_one_model_and_full_density_is_task_arithmetic(variants, tmp_p
         assert torch.allclose(ties.get(name).float(), ta.get(name).float(), atol=1e-6, rtol=0), name
 
 
-def test_linear_of_the_model_with_itself_scores_the_model(variants, tmp_path, assets):
-    config = {"merge_method": "linear", "models": _models(variants, "base", "base", weight=0.5)}
-    merge_checkpoints(config, tmp_path / "self")
+def test_linear_with_weights_one_and_zero_scores_the_first_model(variants, tmp_path, assets):
+    models = [{"model": str(variants["base"]), "parameters": {"weight": 1.0}}, {"model": str(variants["ft1"]), "parameters": {"weight": 0.0}}]
+    merge_checkpoints({"merge_method": "linear", "models": models}, tmp_path / "self")
     for name in PROBES:
         assert torch.equal(Checkpoint(tmp_path / "self").get(name), Checkpoint(variants["base"]).get(name))
     protocol = Protocol(max_tokens=2048)
