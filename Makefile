@@ -30,9 +30,13 @@ test-slow: venv
 bench: venv
 	$(BIN)/python bench/io.py
 
-# Peer tools (mergekit, llm-compressor, GPTQModel) in their own venv, for bench/ only.
-peers:
+# Peer tools (mergekit, llm-compressor, GPTQModel) in their own venv, for bench/ only; installed once.
+PEERS_STAMP := .venv-peers/bin/mergekit-yaml
+$(PEERS_STAMP): bench/setup-peers.sh
 	bash bench/setup-peers.sh
+	touch $@
+
+peers: $(PEERS_STAMP)
 
 bench-quantize: venv peers
 	$(BIN)/python bench/quantize.py

@@ -53,3 +53,8 @@ def median(values: list[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the safetensors files in a checkpoint folder."""
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))

@@ -46,7 +46,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import PEERS_BIN, ROOT, VENV_BIN, measure, median  # noqa: E402
+from bench.common import PEERS_BIN, ROOT, VENV_BIN, folder_bytes, measure, median  # noqa: E402
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 METHODS = ("ties", "dare_ties", "slerp", "linear")
@@ -91,10 +91,6 @@ def warm(folders: list[str]) -> None:
     """Read the inputs once so every run starts from a warm page cache."""
     files = [str(f) for folder in folders for f in sorted(Path(folder).glob("*.safetensors"))]
     subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
 def alternate(config: Path, work: Path, tag: str, repeats: int, keep: bool) -> tuple[dict, Path | None, Path | None]:

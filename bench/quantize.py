@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import PEERS_BIN, ROOT, VENV_BIN, measure  # noqa: E402
+from bench.common import PEERS_BIN, ROOT, VENV_BIN, folder_bytes, measure  # noqa: E402
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GPTQMODEL_CPU_WORKERS": "2", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -160,7 +160,7 @@ def run_row(row: Row, model: Path, work: Path, calib_ids: dict[str, Path], calib
     figures = {"wall_s": run.wall_s, "peak_rss_mb": run.peak_rss_mb}
     native = dest.parent / f"{dest.name}-native"
     if native.is_dir():  # GPTQModel: the size is its own format's, not the dense copy's
-        figures["native_size_bytes"] = sum(f.stat().st_size for f in native.glob("*.safetensors"))
+        figures["native_size_bytes"] = folder_bytes(native)
     return dest, figures
 
 

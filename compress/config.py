@@ -11,11 +11,12 @@ from compress.grid import QuantGrid
 from compress.targets import DEFAULT_IGNORE, Selection, matches
 
 Method = Literal["rtn", "gptq", "awq", "awq_gptq"]
-CALIBRATED = ("gptq", "awq", "awq_gptq")
 #: Methods that search and fold AWQ scales first, and methods whose quantizer is GPTQ: ``awq_gptq``
 #: is both (AWQ's scaling, then GPTQ on the scaled weights with Hessians of the scaled inputs).
 SCALED = ("awq", "awq_gptq")
 GPTQ_QUANTIZER = ("gptq", "awq_gptq")
+#: Methods that need calibration data: every one that scales or runs GPTQ.
+CALIBRATED = tuple(dict.fromkeys(GPTQ_QUANTIZER + SCALED))
 
 
 class Override(BaseModel):
