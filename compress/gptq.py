@@ -90,6 +90,19 @@ def _effective_block_size(block_size: int, group_size: int) -> int:
     return group_size * max(1, block_size // group_size)
 
 
+def _group_columns(scales: Tensor, zeros: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """Each group's scales and zero points as contiguous float32 columns ``[out]``."""
+    s32 = scales.to(torch.float32).t().contiguous()
+    z32 = zeros.to(torch.float32).t().contiguous()
+    return list(zip(s32.unbind(0), z32.unbind(0)))
+
+
+def _round_to(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` (float32) rounded to ``dtype`` and back: the dequantized weight exactly as it is stored
+    ((code - zero) * scale is exact in float32 for 8-bit codes, then rounded once to the scale dtype)."""
+    return x if dtype == torch.float32 else x.to(dtype).to(torch.float32)
+
+
 def gptq_quantize(
     w: Tensor,
     hessian: Tensor,
@@ -198,28 +211,33 @@ def gptq_quantize(
     Q = torch.empty((out, inp), dtype=torch.uint8, device=device)
     losses = torch.zeros(out, dtype=torch.float64, device=device)
     bs = block_size if precomputed else _effective_block_size(block_size, gs)
+    # Per-group scale and zero columns in float32, indexed by processing position (a Python list, so
+    # the sweep does no tensor indexing or device sync per column).
+    group_of = proc_group.tolist()
+    cols: list[tuple[Tensor, Tensor]] = _group_columns(scales, zeros) if precomputed else []
+    diag = torch.diagonal(U).tolist()
     for i1 in range(0, inp, bs):
         i2 = min(i1 + bs, inp)
         W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
+        Err1 = torch.empty_like(W1)
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             k = i1 + i
             if not precomputed and k % gs == 0:
                 set_group(k // gs, W1[:, i : min(i + gs, i2 - i1)])
-            g = int(proc_group[k])
-            s_col = scales[:, g]
-            z_col = zeros[:, g]
+                cols.append(_group_columns(scales[:, k // gs : k // gs + 1], zeros[:, k // gs : k // gs + 1])[0])
+            s_col, z_col = cols[group_of[k]]
             col = W1[:, i]
-            q = quantize_codes(col, s_col, z_col, grid)
+            q = torch.round(col / s_col).add_(z_col).clamp_(0, grid.maxq)
             Q[:, k] = q
-            w_hat = ((q.to(s_col.dtype) - z_col.to(s_col.dtype)) * s_col).to(torch.float32)
-            d = U1[i, i]
-            err = (col - w_hat) / d
-            losses += (err.to(torch.float64) ** 2) / 2
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+            err = Err1[:, i]
+            torch.sub(col, _round_to(q.sub_(z_col).mul_(s_col), scales.dtype), out=err)
+            err.div_(diag[k])
+            if i + 1 < i2 - i1:
+                W1[:, i + 1 :].addr_(err, U1[i, i + 1 :], alpha=-1.0)
+        losses += Err1.to(torch.float64).square().sum(dim=1) / 2
+        if i2 < inp:
+            W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
 
     inverse = torch.argsort(perm)
     codes = Q[:, inverse].contiguous()

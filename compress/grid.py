@@ -170,6 +170,17 @@ class QuantizedTensor:
         if self.grid.symmetric and bool((self.zeros != self.grid.midpoint).any()):
             raise ValueError(f"a symmetric grid needs every zero point at {self.grid.midpoint}")
 
+    def rows(self, start: int, stop: int) -> QuantizedTensor:
+        """Output rows ``start:stop`` (a linear quantized together with others that share its input)."""
+        return QuantizedTensor(
+            codes=self.codes[start:stop].contiguous(),
+            scales=self.scales[start:stop].contiguous(),
+            zeros=self.zeros[start:stop].contiguous(),
+            grid=self.grid,
+            shape=(stop - start, self.shape[1]),
+            g_idx=self.g_idx,
+        )
+
     @property
     def n_groups(self) -> int:
         """The number of scale / zero-point columns."""

@@ -381,6 +381,7 @@ def quantize_cmd(
     calib: Annotated[Path | None, typer.Option("--calib", help="Calibration text file or folder (default: WikiText-2 calibration split from the assets).")] = None,
     samples: Annotated[int, typer.Option("--samples", help="Calibration blocks.")] = 128,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration block.")] = 512,
+    calib_dtype: Annotated[str, typer.Option("--calib-dtype", help="dtype of the calibration forwards: auto (float32, the fast one on CPUs without AMX), fp32, bf16 or fp16.")] = "auto",
     awq_samples: Annotated[int, typer.Option("--awq-samples", help="AWQ: calibration blocks used in the scale search (each candidate scale reruns the block on them).")] = 8,
     targets: Annotated[list[str] | None, typer.Option("--target", help="Module to quantize (name, suffix or re:regex); repeatable. Default: the decoder linears.")] = None,
     ignore: Annotated[list[str] | None, typer.Option("--ignore", help="Module to leave alone; repeatable. Default: embeddings and lm_head.")] = None,
@@ -399,7 +400,7 @@ def quantize_cmd(
 
     fields = dict(
         method=method, bits=bits, group_size=group_size, symmetric=sym, act_order=act_order, clip=clip, damp=damp,
-        calib=str(calib) if calib else None, samples=samples, seq_len=seq_len, awq_samples=awq_samples, format=fmt, seed=seed,
+        calib=str(calib) if calib else None, samples=samples, seq_len=seq_len, calib_dtype=calib_dtype, awq_samples=awq_samples, format=fmt, seed=seed,
         targets=targets or None, overrides=[parse_override(o) for o in overrides or []],
     )
     if ignore:
