@@ -4,7 +4,15 @@ the device or on how many threads ran."""
 
 from __future__ import annotations
 
-__all__ = ["CHUNK", "chunks"]
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+__all__ = ["CHUNK", "PMap", "chunks", "serial_map"]
+
+T = TypeVar("T")
+#: Maps a function over chunk indices — in several threads or in one — returning the results in
+#: index order. Chunks are computed independently, so the result does not depend on which.
+PMap = Callable[[Callable[[int], T], range], Sequence[T]]
 
 #: Elements per chunk (4 MiB of float32).
 CHUNK = 1 << 20
@@ -15,3 +23,8 @@ def chunks(n: int, size: int | None = None) -> list[slice]:
     last may be shorter."""
     size = size or CHUNK
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def serial_map(fn: Callable[[int], T], indices: range) -> list[T]:
+    """The one-thread :data:`PMap`."""
+    return [fn(i) for i in indices]

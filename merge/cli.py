@@ -24,7 +24,7 @@ def merge_cmd(
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Cut output shards at this size (e.g. 2GB, 500MB).")] = "2GB",
     device: Annotated[str, typer.Option("--device", help="Where the math runs: cpu, cuda, cuda:1, ...")] = "cpu",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random methods (dare_linear, dare_ties).")] = 0,
-    threads: Annotated[int, typer.Option("--threads", help="torch threads for the math (1 is fastest on small machines).")] = 1,
+    threads: Annotated[int | None, typer.Option("--threads", help="Threads computing each tensor's chunks (default: one per core, at most 8); the output does not depend on it.")] = None,
     allow_pickle: Annotated[
         bool, typer.Option("--allow-pickle", help="Accept pickle checkpoints (.bin/.pt), loaded with torch.load(weights_only=True).")
     ] = False,

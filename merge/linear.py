@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from merge.chunks import chunks
+from merge.chunks import PMap, chunks, serial_map
 
 __all__ = ["linear", "soup", "work_dtype"]
 
@@ -21,11 +21,11 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def linear(tensors: Sequence[Tensor], weights: Sequence[float], normalize: bool = True) -> Tensor:
+def linear(tensors: Sequence[Tensor], weights: Sequence[float], normalize: bool = True, *, pmap: PMap = serial_map) -> Tensor:
     """``sum_i weights[i] * tensors[i]``, divided by ``sum(weights)`` when ``normalize``.
 
-    Computed in float32 (float64 for float64 inputs) chunk by chunk with fused multiply-adds in input
-    order, and returned in the first tensor's dtype.
+    Computed in float32 (float64 for float64 inputs) chunk by chunk (mapped by ``pmap``) with fused
+    multiply-adds in input order, and returned in the first tensor's dtype.
     """
     if not tensors:
         raise ValueError("linear needs at least one tensor")
@@ -39,16 +39,21 @@ def linear(tensors: Sequence[Tensor], weights: Sequence[float], normalize: bool 
     total_weight = coefficients.sum()
     flats = [t.reshape(-1) for t in tensors]
     out = torch.empty(first.numel(), dtype=first.dtype, device=first.device)
-    for part in chunks(first.numel()):
+    parts = chunks(first.numel())
+
+    def chunk(j: int) -> None:
+        part = parts[j]
         acc = torch.zeros(part.stop - part.start, dtype=work, device=first.device)
         for flat, coefficient in zip(flats, coefficients):
             acc.addcmul_(flat[part].to(work), coefficient)
         if normalize:
             acc.div_(total_weight)
         out[part] = acc
+
+    pmap(chunk, range(len(parts)))
     return out.reshape(first.shape)
 
 
-def soup(tensors: Sequence[Tensor]) -> Tensor:
+def soup(tensors: Sequence[Tensor], *, pmap: PMap = serial_map) -> Tensor:
     """The uniform soup: the plain average of any number of tensors."""
-    return linear(tensors, [1.0] * len(tensors), normalize=True)
+    return linear(tensors, [1.0] * len(tensors), normalize=True, pmap=pmap)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from merge.chunks import PMap, serial_map
 from merge.linear import linear, soup
 from merge.model_stock import model_stock
 from merge.params import Kind, ParamSpec, Scope
@@ -30,13 +31,15 @@ class BasePolicy(str, Enum):
 @dataclass(frozen=True)
 class Group:
     """The inputs of one output tensor: tensors in input order, which one is the base, the shared
-    parameters and each input's own, and (for random methods) one generator per input."""
+    parameters and each input's own, (for random methods) one seed per input, and the map that runs
+    the chunks of the math (several threads, or one)."""
 
     tensors: Sequence[Tensor]
     base: int | None
     shared: dict[str, Any]
     per_input: Sequence[dict[str, Any]]
-    generators: Sequence[torch.Generator | None] = field(default_factory=tuple)
+    seeds: Sequence[int] = field(default_factory=tuple)
+    pmap: PMap = serial_map
 
     def others(self) -> list[int]:
         return [i for i in range(len(self.tensors)) if i != self.base]
@@ -58,17 +61,17 @@ class Method:
 
 
 def _linear(g: Group) -> Tensor:
-    return linear(g.tensors, [p["weight"] for p in g.per_input], normalize=g.shared["normalize"])
+    return linear(g.tensors, [p["weight"] for p in g.per_input], normalize=g.shared["normalize"], pmap=g.pmap)
 
 
 def _soup(g: Group) -> Tensor:
-    return soup(g.tensors)
+    return soup(g.tensors, pmap=g.pmap)
 
 
 def _slerp(g: Group) -> Tensor:
     assert g.base is not None
     (other,) = g.others()
-    return slerp(g.shared["t"], g.tensors[g.base], g.tensors[other])
+    return slerp(g.shared["t"], g.tensors[g.base], g.tensors[other], pmap=g.pmap)
 
 
 def _model_stock(g: Group) -> Tensor:
@@ -95,7 +98,8 @@ def _delta(sparsification: Sparsification | None, consensus: Consensus | None) -
             rescale=g.shared["rescale"],
             scale=g.shared["lambda"],
             gammas=[g.per_input[i].get("gamma", 0.0) for i in others],
-            generators=[g.generators[i] for i in others] if g.generators else None,
+            seeds=[g.seeds[i] for i in others] if g.seeds else None,
+            pmap=g.pmap,
         )
 
     return apply

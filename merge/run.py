@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from merge.chunks import PMap, serial_map
 from merge.config import MergeConfig, load_config
 from merge.methods import Group
 from merge.plan import Job, Plan, build_plan, open_inputs
@@ -82,10 +84,11 @@ def prepare(config: str | Path | dict | MergeConfig, *, allow_pickle: bool = Fal
 
 
 class _Executor:
-    def __init__(self, plan: Plan, device: str, seed: int) -> None:
+    def __init__(self, plan: Plan, device: str, seed: int, pmap: PMap) -> None:
         self.plan = plan
         self.device = torch.device(device)
         self.seed = seed
+        self.pmap = pmap
         self.compute_dtype = plan.config.compute_dtype
         self.output_dtype = plan.config.output_dtype
 
@@ -120,10 +123,8 @@ class _Executor:
             for t in tensors[1:]:
                 dtype = torch.promote_types(dtype, t.dtype)
         tensors = [t.to(dtype) for t in tensors]
-        generators: list[torch.Generator | None] = []
-        if self.plan.method.random:
-            generators = [torch.Generator().manual_seed(tensor_seed(self.seed, job.name, i)) for i in range(len(tensors))]
-        group = Group(tensors, job.base, job.shared, job.per_input, generators)
+        seeds = [tensor_seed(self.seed, job.name, i) for i in range(len(tensors))] if self.plan.method.random else []
+        group = Group(tensors, job.base, job.shared, job.per_input, seeds, self.pmap)
         result = self.plan.method.apply(group)
         if self.output_dtype is not None:
             result = result.to(self.output_dtype)
@@ -177,13 +178,25 @@ def _check_device(device: str) -> None:
 
 
 @contextmanager
-def _torch_threads(threads: int) -> Iterator[None]:
+def _chunk_workers(threads: int) -> Iterator[PMap]:
+    """A :data:`PMap` running chunks in ``threads`` threads (torch ops release the GIL), with torch's
+    own intra-op threads at one during the pass (restored afterwards): chunks are cache-sized, where
+    OpenMP teams mostly wait on each other, while whole chunks in parallel keep every core busy."""
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)
     try:
-        yield
+        if threads == 1:
+            yield serial_map
+        else:
+            with ThreadPoolExecutor(threads, "merge-math") as pool:
+                yield lambda fn, indices: list(pool.map(fn, indices)) if len(indices) > 1 else [fn(i) for i in indices]
     finally:
         torch.set_num_threads(before)
+
+
+def default_threads() -> int:
+    """One chunk worker per core this process may use, at most 8."""
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
 def merge_checkpoints(
@@ -196,7 +209,7 @@ def merge_checkpoints(
     progress: Progress | None = None,
     seed: int = 0,
     allow_pickle: bool = False,
-    threads: int = 1,
+    threads: int | None = None,
 ) -> MergeReport:
     """Merge the models ``config`` names (a mergekit YAML path, its parsed dict, or a
     :class:`MergeConfig`) into the checkpoint folder ``dest``.
@@ -204,12 +217,12 @@ def merge_checkpoints(
     The preflight (headers and configs only) runs first and raises one WeightsmithError listing
     every problem; the output appears at ``dest`` only when complete. ``seed`` drives the random
     methods (dare_linear, dare_ties); ``device`` is where the math runs (e.g. ``cuda``);
-    ``threads`` is torch's intra-op thread count during the pass (restored afterwards). One is
-    the default: the math runs on cache-sized chunks, where OpenMP threads mostly wait on each
-    other (and spin against the pass's own reader and writer threads).
+    ``threads`` is how many threads compute the chunks of each tensor (default: one per core, see
+    :func:`default_threads`); the output does not depend on it.
     """
     start = time.perf_counter()
     dest = Path(dest)
+    threads = default_threads() if threads is None else threads
     if threads < 1:
         raise WeightsmithError(None, f"threads must be at least 1, got {threads}")
     _check_device(device)
@@ -224,9 +237,9 @@ def merge_checkpoints(
         CheckpointWriter(
             dest, force=force, max_shard_size=max_shard_size, source=plan.donor.folder, config=plan.out_config, record=record
         ) as writer,
-        _torch_threads(threads),
+        _chunk_workers(threads) as pmap,
     ):
-        _Executor(plan, device, seed).run(writer, report, progress)
+        _Executor(plan, device, seed, pmap).run(writer, report, progress)
         record.figures.update(report.figures())
     report.seconds = time.perf_counter() - start
     log.info("merged %d tensors (%d copied) with %s into %s in %.1f s", report.tensors, report.copied, report.method, dest, report.seconds)

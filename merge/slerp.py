@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from merge.chunks import PMap, serial_map
 from merge.linear import work_dtype
 
 __all__ = ["CHUNK", "DOT_THRESHOLD", "slerp"]
@@ -27,13 +28,15 @@ def _chunks(flat: Tensor) -> list[slice]:
     return [slice(start, start + CHUNK) for start in range(0, flat.numel(), CHUNK)]
 
 
-def _norm(flat: Tensor, parts: list[slice], work: torch.dtype) -> Tensor:
+def _norm(flat: Tensor, parts: list[slice], work: torch.dtype, pmap: PMap) -> Tensor:
     """Euclidean norm as the norm of per-chunk norms."""
-    pieces = [torch.linalg.vector_norm(flat[part].to(work)) for part in parts]
-    return torch.linalg.vector_norm(torch.stack(pieces))
+    pieces = pmap(lambda j: torch.linalg.vector_norm(flat[parts[j]].to(work)), range(len(parts)))
+    return torch.linalg.vector_norm(torch.stack(list(pieces)))
 
 
-def slerp(t: float, v0: Tensor, v1: Tensor, *, dot_threshold: float = DOT_THRESHOLD, eps: float = 1e-8) -> Tensor:
+def slerp(
+    t: float, v0: Tensor, v1: Tensor, *, dot_threshold: float = DOT_THRESHOLD, eps: float = 1e-8, pmap: PMap = serial_map
+) -> Tensor:
     """Interpolate from ``v0`` (t=0) to ``v1`` (t=1) along the great circle; result in ``v0``'s dtype."""
     if v0.shape != v1.shape:
         raise ValueError(f"shapes differ: {tuple(v0.shape)} vs {tuple(v1.shape)}")
@@ -46,10 +49,11 @@ def slerp(t: float, v0: Tensor, v1: Tensor, *, dot_threshold: float = DOT_THRESH
         return v0.clone()
     parts = _chunks(a)
     one = torch.ones((), dtype=work, device=v0.device)
-    norm_a, norm_b = _norm(a, parts, work), _norm(b, parts, work)
+    norm_a, norm_b = _norm(a, parts, work, pmap), _norm(b, parts, work, pmap)
     norm_a = torch.where(norm_a > eps, norm_a, one)
     norm_b = torch.where(norm_b > eps, norm_b, one)
-    dot = torch.stack([((a[p].to(work) / norm_a) * (b[p].to(work) / norm_b)).sum() for p in parts]).sum().clamp(-1, 1)
+    pieces = pmap(lambda j: ((a[parts[j]].to(work) / norm_a) * (b[parts[j]].to(work) / norm_b)).sum(), range(len(parts)))
+    dot = torch.stack(list(pieces)).sum().clamp(-1, 1)
     if bool(dot.abs() > dot_threshold):
         coef_a, coef_b = 1 - tt, tt
     else:
@@ -58,6 +62,10 @@ def slerp(t: float, v0: Tensor, v1: Tensor, *, dot_threshold: float = DOT_THRESH
         coef_a = torch.sin((1 - tt) * theta) / sin_theta
         coef_b = torch.sin(tt * theta) / sin_theta
     out = torch.empty_like(a)
-    for part in parts:
+
+    def chunk(j: int) -> None:
+        part = parts[j]
         out[part] = coef_a * a[part].to(work) + coef_b * b[part].to(work)
+
+    pmap(chunk, range(len(parts)))
     return out.reshape(v0.shape)

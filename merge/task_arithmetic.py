@@ -31,8 +31,8 @@ from enum import Enum
 import torch
 from torch import Tensor
 
-from merge.chunks import chunks
-from merge.sparsify import Chunks, Sparsification, plan_sparsify
+from merge.chunks import PMap, chunks, serial_map
+from merge.sparsify import Chunked, Sparsification, plan_sparsify
 
 __all__ = [
     "Consensus",
@@ -69,7 +69,8 @@ def sign_agreement(deltas: Sequence[Tensor], method: Consensus = Consensus.sum) 
 
     ``deltas`` are the (weighted) task vectors of the models. The elected sign is + where the vote
     (the deltas' sum, or the sum of their signs) is >= 0, else -; zero deltas never agree. Written
-    with arithmetic (no bool tensors): ``sign(relu(delta * elected))``.
+    with arithmetic, ``sign(relu(delta * elected))``: on CPUs, bool tensors and ``torch.where``
+    run several times slower than a multiplication in bf16.
     """
     dtype = deltas[0].dtype
     votes = deltas if method is Consensus.sum else [d.sign() for d in deltas]
@@ -77,6 +78,12 @@ def sign_agreement(deltas: Sequence[Tensor], method: Consensus = Consensus.sum) 
     # A vote of -0 means every delta is zero there, so the side it elects does not matter.
     elected = torch.copysign(torch.ones_like(vote), vote)
     return [torch.sign(torch.relu(d * elected)) for d in deltas]
+
+
+def _nonzero_divisor(divisor: Tensor) -> Tensor:
+    """``divisor`` with its zeros replaced by 1, in arithmetic: ``divisor + (1 - sign(|divisor|))``
+    adds exactly 0 elsewhere."""
+    return divisor + (1 - torch.sign(divisor.abs()))
 
 
 def merge_deltas(
@@ -91,14 +98,16 @@ def merge_deltas(
     rescale: bool = False,
     scale: float = 1.0,
     gammas: Sequence[float] | None = None,
-    generators: Sequence[torch.Generator | None] | None = None,
+    seeds: Sequence[int | None] | None = None,
+    pmap: PMap = serial_map,
 ) -> Tensor:
     """``base + scale * combine(weights[i] * sparsify(tensors[i] - base))``.
 
     ``combine`` sums the weighted deltas; with ``consensus`` it sums only those agreeing with the
     elected sign. With ``normalize`` the sum is divided by the sum of the weights that took part
-    (per entry under consensus). ``densities``, ``gammas`` and ``generators`` are per model
-    (defaults: 1, 0, none). Computed in ``base``'s dtype, chunk by chunk, rounding wherever the
+    (per entry under consensus). ``densities``, ``gammas`` and ``seeds`` (of the random drops) are
+    per model (defaults: 1, 0, none). Computed in ``base``'s dtype, chunk by chunk (the chunks
+    mapped by ``pmap``, possibly in parallel: each is computed alone), rounding wherever the
     whole-tensor computation in that dtype rounds.
     """
     n = len(tensors)
@@ -109,27 +118,20 @@ def merge_deltas(
     dtype = base.dtype
     densities = list(densities) if densities is not None else [1.0] * n
     gammas = list(gammas) if gammas is not None else [0.0] * n
-    generators = list(generators) if generators is not None else [None] * n
+    seeds = list(seeds) if seeds is not None else [None] * n
     flat_base = base.reshape(-1)
     flats = [t.reshape(-1) for t in tensors]
     parts = chunks(flat_base.numel())
 
-    def deltas_of(i: int) -> Chunks:
-        return lambda: (flats[i][p] - flat_base[p] for p in parts)
+    def deltas_of(i: int) -> Chunked:
+        return Chunked(len(parts), lambda j: flats[i][parts[j]] - flat_base[parts[j]])
 
     maskers = []
     for i in range(n):
         plan = None
         if sparsification is not None:
             plan = plan_sparsify(
-                deltas_of(i),
-                flat_base.numel(),
-                dtype,
-                densities[i],
-                sparsification,
-                rescale=rescale,
-                gamma=gammas[i],
-                generator=generators[i],
+                deltas_of(i), flat_base.numel(), dtype, densities[i], sparsification, rescale=rescale, gamma=gammas[i], seed=seeds[i], pmap=pmap
             )
         maskers.append(plan.masker() if plan is not None else None)
     w = torch.tensor([float(x) for x in weights], dtype=dtype, device=base.device)
@@ -137,13 +139,15 @@ def merge_deltas(
     if total_weight.abs() < 1e-8:
         total_weight = torch.ones_like(total_weight)
     out = torch.empty_like(flat_base)
-    for p in parts:
+
+    def merge_chunk(j: int) -> None:
+        p = parts[j]
         b = flat_base[p]
         weighted = []
         for i in range(n):
             delta = flats[i][p] - b
             if maskers[i] is not None:
-                delta = maskers[i](delta)
+                delta = maskers[i](j, delta)
             weighted.append(delta * w[i])
         if consensus is None:
             mixed = _accumulate(weighted, dtype)
@@ -153,11 +157,12 @@ def merge_deltas(
             agree = sign_agreement(weighted, consensus)
             mixed = _accumulate([d * a for d, a in zip(weighted, agree)], dtype)
             if normalize:
-                divisor = _accumulate([a * w[i] for i, a in enumerate(agree)], dtype)
-                mixed = mixed / divisor.masked_fill_(divisor == 0, 1)
+                mixed = mixed / _nonzero_divisor(_accumulate([a * w[i] for i, a in enumerate(agree)], dtype))
         if scale != 1:
             mixed = mixed * scale
         out[p] = b + mixed
+
+    pmap(merge_chunk, range(len(parts)))
     return out.reshape(base.shape)
 
 
@@ -183,14 +188,12 @@ def dare_linear(
     tensors: Sequence[Tensor],
     weights: Sequence[float],
     densities: Sequence[float],
-    generators: Sequence[torch.Generator],
+    seeds: Sequence[int],
     *,
     rescale: bool = True,
 ) -> Tensor:
     """DARE: drop task-vector entries at random, rescale, add (https://arxiv.org/abs/2311.03099)."""
-    return merge_deltas(
-        base, tensors, weights, densities=densities, sparsification=Sparsification.random, rescale=rescale, generators=generators
-    )
+    return merge_deltas(base, tensors, weights, densities=densities, sparsification=Sparsification.random, rescale=rescale, seeds=seeds)
 
 
 def dare_ties(
@@ -198,7 +201,7 @@ def dare_ties(
     tensors: Sequence[Tensor],
     weights: Sequence[float],
     densities: Sequence[float],
-    generators: Sequence[torch.Generator],
+    seeds: Sequence[int],
     *,
     rescale: bool = True,
 ) -> Tensor:
@@ -211,7 +214,7 @@ def dare_ties(
         sparsification=Sparsification.random,
         consensus=Consensus.sum,
         rescale=rescale,
-        generators=generators,
+        seeds=seeds,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from unittest import mock
 
 import pytest
@@ -15,7 +16,7 @@ from merge.params import Condition, Kind, ParamSpec, Scope, evaluate, resolve
 from merge.passthrough import stack_layers, stacked_config
 from merge.run import tensor_seed
 from merge.slerp import CHUNK, slerp
-from merge.sparsify import Sparsification, keep_largest, keep_smallest, sparsify
+from merge.sparsify import Sparsification, first_true_prefix, keep_largest, keep_smallest, sparsify
 from merge.task_arithmetic import Consensus, merge_deltas, sign_agreement, task_arithmetic, ties
 
 
@@ -127,8 +128,8 @@ def test_dare_keeps_density_and_preserves_l1_norm_over_draws():
     density = 0.3
     kept, norms_rescaled, norms_plain = [], [], []
     for draw in range(1000, 1010):  # mask seeds unrelated to the data's seed (same seed, same stream)
-        rescaled = sparsify(delta, density, Sparsification.random, rescale=True, generator=torch.Generator().manual_seed(draw))
-        plain = sparsify(delta, density, Sparsification.random, rescale=False, generator=torch.Generator().manual_seed(draw))
+        rescaled = sparsify(delta, density, Sparsification.random, rescale=True, seed=draw)
+        plain = sparsify(delta, density, Sparsification.random, rescale=False, seed=draw)
         kept.append((plain != 0).float().mean().item())
         norms_rescaled.append(rescaled.abs().sum().item())
         norms_plain.append(plain.abs().sum().item())
@@ -142,13 +143,46 @@ def test_dare_is_seeded_per_tensor():
     base, ft = torch.zeros(1000), rand(1000, seed=1)
 
     def draw(seed, name):
-        gen = torch.Generator().manual_seed(tensor_seed(seed, name, 1))
-        return merge_deltas(base, [ft], [1.0], densities=[0.5], sparsification=Sparsification.random, generators=[gen])
+        return merge_deltas(base, [ft], [1.0], densities=[0.5], sparsification=Sparsification.random, seeds=[tensor_seed(seed, name, 1)])
 
     assert torch.equal(draw(0, "a.weight"), draw(0, "a.weight"))
     assert not torch.equal(draw(0, "a.weight"), draw(1, "a.weight"))
     assert not torch.equal(draw(0, "a.weight"), draw(0, "b.weight"))
     assert tensor_seed(0, "a.weight", 1) == tensor_seed(0, "a.weight", 1) != tensor_seed(0, "a.weight", 2)
+
+
+@pytest.mark.parametrize("block", [1, 3, 16, 1 << 14])
+def test_first_true_prefix_is_the_shortest_prefix_with_count_trues(block):
+    mask = torch.rand(1000, generator=torch.Generator().manual_seed(3)) < 0.2
+    positions = torch.nonzero(mask).reshape(-1).tolist()
+    for count in (1, 2, 17, len(positions) - 1, len(positions)):
+        assert first_true_prefix(mask, count, block) == positions[count - 1] + 1
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs"])
+def test_delta_merges_do_not_depend_on_chunk_order_or_threads(method):
+    """Chunks are computed independently (ties at the cut split by position, random draws seeded
+    per chunk): a parallel map running them out of order gives the same tensor as the serial one."""
+    shape = (64, 50)
+    base = rand(*shape, seed=1, dtype=torch.bfloat16)
+    # coarse deltas: many equal magnitudes, so the top-k cut has ties spread over several chunks
+    tensors = [(base.float() + torch.randint(-4, 5, shape, generator=torch.Generator().manual_seed(s)) / 64).to(torch.bfloat16) for s in (2, 3)]
+    kwargs = {
+        "ties": dict(sparsification=Sparsification.magnitude, consensus=Consensus.sum, normalize=True),
+        "dare_ties": dict(sparsification=Sparsification.random, consensus=Consensus.sum, rescale=True, seeds=[5, 6]),
+        "breadcrumbs": dict(sparsification=Sparsification.outliers, gammas=[0.05, 0.05]),
+    }[method]
+
+    def backwards(fn, indices):
+        return list(reversed([fn(i) for i in reversed(indices)]))
+
+    with mock.patch("merge.chunks.CHUNK", 97):
+        serial = merge_deltas(base, tensors, [1.0, 0.7], densities=[0.4, 0.6], **kwargs)
+        shuffled = merge_deltas(base, tensors, [1.0, 0.7], densities=[0.4, 0.6], pmap=backwards, **kwargs)
+        with ThreadPoolExecutor(3) as pool:
+            threaded = merge_deltas(base, tensors, [1.0, 0.7], densities=[0.4, 0.6], pmap=lambda fn, r: list(pool.map(fn, r)), **kwargs)
+    assert torch.equal(serial, shuffled) and torch.equal(serial, threaded)
+    assert not torch.equal(serial, base)
 
 
 def test_breadcrumbs_drops_largest_and_smallest():

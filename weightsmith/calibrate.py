@@ -122,9 +122,11 @@ def layer_output(out) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def run_layer(layer: nn.Module, inputs: Captured) -> list[torch.Tensor]:
-    """The layer's outputs for every captured batch."""
-    return [layer_output(layer(h, **kw)) for h, kw in zip(inputs.hidden, inputs.kwargs)]
+def advance(layer: nn.Module, inputs: Captured) -> None:
+    """Replace each captured batch by the layer's output for it, batch by batch, so that only one
+    batch of the old activations outlives its replacement (not a second copy of them all)."""
+    for i, kw in enumerate(inputs.kwargs):
+        inputs.hidden[i] = layer_output(layer(inputs.hidden[i], **kw))
 
 
 @contextmanager
@@ -156,7 +158,8 @@ class LayerwiseRunner:
 
     ``for step in runner: ...`` yields each loaded layer with its inputs; the pass changes
     ``step.module``'s weights; the runner then recomputes the layer's outputs with the changed weights,
-    which become the next layer's inputs, and unloads the layer.
+    which replace its inputs (in place: ``step.inputs`` is spent once the loop moves on), and unloads
+    the layer.
     """
 
     def __init__(
@@ -189,6 +192,6 @@ class LayerwiseRunner:
             load_params(layer, prefix, self.ckpt, self.dtype, self.device)
             step = LayerStep(index, prefix, layer, inputs)
             yield step
-            inputs = Captured(run_layer(layer, inputs), inputs.kwargs)
+            advance(layer, inputs)
             unload_params(layer)
         self.final_hidden = inputs.hidden

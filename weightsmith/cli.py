@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Callable
@@ -83,10 +84,11 @@ def main_options(
     """
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err, show_path=False)], force=True)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    # transformers and huggingface_hub read these when (and if) a command imports them: its warnings
+    # and download bars would break our progress display. Set here rather than by importing
+    # transformers, which would cost every command (merge needs none of it) most of a second.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def progress_bar() -> Progress:
