@@ -25,6 +25,33 @@ from weightsmith.errors import WeightsmithError
 log = logging.getLogger(__name__)
 
 
+#: glibc's mallopt parameter for the size above which allocations are mmapped.
+_M_MMAP_THRESHOLD = -3
+
+
+def return_big_blocks_to_the_os(threshold: int = 1 << 20) -> bool:
+    """Make glibc mmap every allocation of ``threshold`` bytes or more (and unmap it when freed).
+
+    By default glibc raises that threshold up to 32 MiB as big blocks are freed, after which blocks
+    of that size come from the heap; the layer-by-layer passes allocate and free tens of MB of
+    activations per batch, and the heap then holds hundreds of MB of freed, fragmented memory
+    (measured on SmolLM2 GPTQ: 1093 MiB peak RSS, 622 MiB with a fixed 1 MiB threshold). This is a
+    process-wide allocator setting; it is a no-op where the C library is not glibc. Returns whether
+    it was applied."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, threshold))
+
+
 class _StopForward(Exception):
     """Raised by the hook on layer 0 once its inputs are captured."""
 
@@ -173,6 +200,7 @@ class LayerwiseRunner:
     ) -> None:
         self.ckpt = ckpt
         self.arch = arch_for(ckpt.config, ckpt.folder / "config.json")
+        return_big_blocks_to_the_os()
         self.samples = samples
         self.batch_size = batch_size
         self.dtype = dtype
