@@ -95,10 +95,9 @@ def _digits(keys: Tensor, shift: int, prefix: int, bits: int) -> Tensor:
     return (wide >> shift) & ((1 << RADIX) - 1)
 
 
-def _histogram(digits: Tensor | np.ndarray) -> np.ndarray:
+def _histogram(digits: Tensor) -> np.ndarray:
     """Counts of each 16-bit digit (torch's bincount releases the GIL, so threads histogram in parallel)."""
-    t = torch.from_numpy(digits.astype(np.int64, copy=False)) if isinstance(digits, np.ndarray) else digits
-    return torch.bincount(t, minlength=1 << RADIX).numpy().astype(np.int32)
+    return torch.bincount(digits, minlength=1 << RADIX).numpy().astype(np.int32)
 
 
 def _radix_select(keys: Chunked, rank: int, bits: int, pmap: PMap) -> tuple[int, int, int, tuple[int, ...]]:
