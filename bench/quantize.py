@@ -186,18 +186,18 @@ def evaluate_rows(folders: dict[str, Path], reference: Path, text: Path) -> dict
 def markdown(results: dict) -> str:
     """README table of the measured rows."""
     lines = [
-        "| run | perplexity | KL | top-1 | size | bits/weight | wall | peak RSS |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | calibration blocks | perplexity | KL | top-1 | size | bits/weight | wall | peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         if "error" in r:
-            lines.append(f"| {name} | failed: {r['error']} | | | | | | |")
+            lines.append(f"| {name} | | failed: {r['error']} | | | | | | |")
             continue
         if "perplexity" not in r:
             continue  # quantized, not evaluated yet
         bpw = "-" if r.get("bits_per_weight") is None else f"{r['bits_per_weight']:.2f}"
         lines.append(
-            f"| {name} | {r['perplexity']:.2f} | {r['kl']:.3f} | {100 * r['top1']:.1f}% | {r.get('native_size_bytes', r['size_bytes']) / 1e6:.0f} MB | {bpw} "
+            f"| {name} | {'-' if ' rtn ' in name else r.get('samples', '?')} | {r['perplexity']:.2f} | {r['kl']:.3f} | {100 * r['top1']:.1f}% | {r.get('native_size_bytes', r['size_bytes']) / 1e6:.0f} MB | {bpw} "
             f"| {r['wall_s']:.0f} s | {r['peak_rss_mb']:.0f} MiB |"
         )
     return "\n".join(lines)

@@ -56,7 +56,11 @@ class Consensus(str, Enum):
 
 def _accumulate(parts: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
     """The sum of ``parts`` accumulated in float32 (float64 for float64) and rounded once to
-    ``dtype`` — what ``torch.stack(parts).sum(0)`` gives, without the stack."""
+    ``dtype`` — what ``torch.stack(parts).sum(0)`` gives, without the stack. Two parts in ``dtype``
+    are added directly: torch computes a bf16/fp16 addition in float32 and rounds once, the same
+    thing in one operation instead of four."""
+    if len(parts) == 2 and parts[0].dtype == parts[1].dtype == dtype:
+        return parts[0] + parts[1]
     wide = torch.float64 if dtype == torch.float64 else torch.float32
     acc = parts[0].to(wide, copy=True)
     for part in parts[1:]:
@@ -135,6 +139,7 @@ def merge_deltas(
             )
         maskers.append(plan.masker() if plan is not None else None)
     w = torch.tensor([float(x) for x in weights], dtype=dtype, device=base.device)
+    unit = [float(x) == 1.0 for x in w]  # a weight of exactly 1 multiplies nothing
     total_weight = _accumulate(list(w), dtype)
     if total_weight.abs() < 1e-8:
         total_weight = torch.ones_like(total_weight)
@@ -148,7 +153,7 @@ def merge_deltas(
             delta = flats[i][p] - b
             if maskers[i] is not None:
                 delta = maskers[i](j, delta)
-            weighted.append(delta * w[i])
+            weighted.append(delta if unit[i] else delta * w[i])
         if consensus is None:
             mixed = _accumulate(weighted, dtype)
             if normalize:
@@ -157,7 +162,7 @@ def merge_deltas(
             agree = sign_agreement(weighted, consensus)
             mixed = _accumulate([d * a for d, a in zip(weighted, agree)], dtype)
             if normalize:
-                mixed = mixed / _nonzero_divisor(_accumulate([a * w[i] for i, a in enumerate(agree)], dtype))
+                mixed = mixed / _nonzero_divisor(_accumulate([a if unit[i] else a * w[i] for i, a in enumerate(agree)], dtype))
         if scale != 1:
             mixed = mixed * scale
         out[p] = b + mixed
