@@ -61,7 +61,10 @@ class QuantizeConfig(BaseModel):
     calib: str | None = None
     samples: int = Field(128, ge=1)
     seq_len: int = Field(512, ge=2)
-    batch_size: int = Field(8, ge=1)
+    #: calibration blocks per layer forward: 4 x 512 tokens keeps matmuls large, and the freed
+    #: activations small enough that the allocator's slack stays low (measured on SmolLM2 GPTQ with
+    #: 64 blocks: peak RSS 1043 MiB with 8 per batch, 864 MiB with 4, the same time)
+    batch_size: int = Field(4, ge=1)
     calib_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     seed: int = 0
 

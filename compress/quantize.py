@@ -280,20 +280,37 @@ def _hessians(step: LayerStep, names: list[str]) -> dict[str, torch.Tensor]:
     # The last input seen and the linear that consumed it. Holding the tensor keeps its memory from
     # being reused, so equal storage address, shape and strides mean the very same input.
     last: list = [None, None]
+    # The order the linears run in, learnt on the first batch; later batches stop the layer once
+    # the last of them has its input (its own matmul and the rest of the layer are not needed).
+    order: list[str] = []
+    stop_at: list[str | None] = [None]
 
     def collect(name: str, x: torch.Tensor) -> None:
+        order.append(name)
         prev = last[0]
         if prev is not None and (prev.data_ptr(), prev.shape, prev.stride()) == (x.data_ptr(), x.shape, x.stride()):
             shares.setdefault(name, last[1])
-            return
-        last[0], last[1] = x, name
-        sums[name], counts[name] = accumulate_hessian(sums.get(name), x, counts.get(name, 0))
+        else:
+            last[0], last[1] = x, name
+            sums[name], counts[name] = accumulate_hessian(sums.get(name), x, counts.get(name, 0))
+        if name == stop_at[0]:
+            raise _LastInputSeen
 
     with input_hooks(step.module, tuple(names), collect):
         for hidden, kwargs in _batches(step):
-            step.module(hidden, **kwargs)
+            try:
+                step.module(hidden, **kwargs)
+            except _LastInputSeen:
+                pass
+            if stop_at[0] is None and order and order.count(order[-1]) == 1:
+                stop_at[0] = order[-1]
+            order.clear()
             last[0] = None
     return {name: sums[shares.get(name, name)] for name in names}
+
+
+class _LastInputSeen(Exception):
+    """Raised by the Hessian hooks once the layer's last quantized linear has its input."""
 
 
 @torch.inference_mode()
