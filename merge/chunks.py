@@ -14,8 +14,10 @@ T = TypeVar("T")
 #: index order. Chunks are computed independently, so the result does not depend on which.
 PMap = Callable[[Callable[[int], T], range], Sequence[T]]
 
-#: Elements per chunk (4 MiB of float32).
-CHUNK = 1 << 20
+#: Elements per chunk (1 MiB of float32): the temporaries of a chunk's arithmetic stay in cache and
+#: small per thread (measured on the merge set with two threads: slerp peak RSS 645 -> 555 MiB and
+#: no slower than with 4 MiB chunks).
+CHUNK = 1 << 18
 
 
 def chunks(n: int, size: int | None = None) -> list[slice]:

@@ -15,17 +15,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from merge.chunks import PMap, serial_map
+from merge.chunks import CHUNK, PMap, chunks, serial_map
 from merge.linear import work_dtype
 
 __all__ = ["CHUNK", "DOT_THRESHOLD", "slerp"]
 
-CHUNK = 1 << 20
 DOT_THRESHOLD = 0.9995
 
 
 def _chunks(flat: Tensor) -> list[slice]:
-    return [slice(start, start + CHUNK) for start in range(0, flat.numel(), CHUNK)]
+    return chunks(flat.numel())
 
 
 def _norm(flat: Tensor, parts: list[slice], work: torch.dtype, pmap: PMap) -> Tensor:
