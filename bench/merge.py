@@ -1,7 +1,7 @@
 """weightsmith merge vs mergekit-yaml on the merge set (SmolLM2-135M + two fine-tunes), side by side.
 
 Run:  .venv/bin/python bench/merge.py [--parts startup speed ties_stable scale quality] [--repeats 3] [--scale-repeats 2]
-                                      [--set-steps 30] [--out bench/out/merge.json]
+                                      [--set-steps 30] [--requality METHOD ...] [--out bench/out/merge.json]
       .venv/bin/python bench/merge.py --table      (README tables of the saved results)
 
 The merge set comes from bench/make_merge_set.py (cached; built on first use with ``--set-steps``).
@@ -311,6 +311,9 @@ def part_quality(args, mset: dict, merged: dict[str, Path], work: Path, results:
     models = {"base": Path(mset["base"]), "shakespeare fine-tune": Path(mset["shakespeare"]), "python fine-tune": Path(mset["python"]), **merged}
     names = list(models)
     quality: dict = {"max_tokens": args.max_tokens, "ctx": 512, "models": names, "domains": {}}
+    if args.requality is not None:
+        quality = results["quality"]
+        names = [f"{m} (weightsmith)" for m in args.requality]
     for domain in ("shakespeare", "python"):
         out = work / f"eval-{domain}.json"
         cmd = [str(VENV_BIN / "weightsmith"), "eval", *[str(models[n]) for n in names], "--text", mset[f"{domain}_heldout"],
@@ -319,14 +322,19 @@ def part_quality(args, mset: dict, merged: dict[str, Path], work: Path, results:
         subprocess.run(cmd, check=True, env={**os.environ, **OFFLINE}, stdout=subprocess.DEVNULL)
         docs = json.loads(out.read_text())
         docs = docs if isinstance(docs, list) else [docs]
-        quality["domains"][domain] = {
-            "heldout": mset[f"{domain}_heldout"],
-            "seconds": round(time.perf_counter() - start, 1),
-            "perplexity": {n: d["perplexity"] for n, d in zip(names, docs)},
-            "protocol": docs[0]["protocol"],
-            "positions": docs[0]["positions"],
-            "windows": docs[0]["windows"],
-        }
+        figures = {n: d["perplexity"] for n, d in zip(names, docs)}
+        if args.requality is not None:
+            quality["domains"][domain]["perplexity"].update(figures)
+            quality["domains"][domain].setdefault("remeasured", {}).update({n: time.strftime("%Y-%m-%d %H:%M") for n in names})
+        else:
+            quality["domains"][domain] = {
+                "heldout": mset[f"{domain}_heldout"],
+                "seconds": round(time.perf_counter() - start, 1),
+                "perplexity": figures,
+                "protocol": docs[0]["protocol"],
+                "positions": docs[0]["positions"],
+                "windows": docs[0]["windows"],
+            }
         print(json.dumps({domain: quality["domains"][domain]["perplexity"]}), flush=True)
         results["quality"] = quality
         save(args.out, results)
@@ -392,6 +400,9 @@ def main() -> None:
     parser.add_argument("--scale-repeats", type=int, default=2)
     parser.add_argument("--set-steps", type=int, default=30, help="fine-tuning steps of the merge set (bench/make_merge_set.py --steps)")
     parser.add_argument("--max-tokens", type=int, default=20480)
+    parser.add_argument("--requality", nargs="*", choices=METHODS, default=None,
+                        help="quality part: re-merge and re-evaluate only these weightsmith merges (after a change to "
+                             "their math), keeping the saved figures of the other models")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "merge.json")
     parser.add_argument("--table", action="store_true", help="print the README tables of the saved results and stop")
     args = parser.parse_args()
@@ -422,7 +433,7 @@ def main() -> None:
             elif part == "quality":
                 if not merged:
                     configs = merge_configs(mset["base"], mset["shakespeare"], mset["python"])
-                    for method in METHODS:
+                    for method in args.requality if args.requality is not None else METHODS:
                         dest = work / f"{method}-weightsmith"
                         subprocess.run(ws_cmd(write_yaml(configs[method], work / f"{method}.yml"), dest), check=True, stdout=subprocess.DEVNULL)
                         merged[f"{method} (weightsmith)"] = dest
