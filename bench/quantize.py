@@ -155,8 +155,9 @@ def run_row(row: Row, model: Path, work: Path, calib_ids: dict[str, Path], calib
     script = LLMC_SCRIPT if row.tool == "llmcompressor" else GPTQMODEL_SCRIPT
     script_path = work / f"peer_{row.tool}.py"  # not the package name, which it would shadow
     script_path.write_text(script)
+    # run in the work folder: GPTQModel writes a logs/ folder into its working directory
     run = measure([str(PEERS_BIN / "python"), str(script_path), str(model), str(dest), row.method, str(row.bits), str(row.group_size),
-                   str(calib_ids.get(row.calib, ""))], env=OFFLINE)
+                   str(calib_ids.get(row.calib, ""))], env=OFFLINE, cwd=work)
     figures = {"wall_s": run.wall_s, "peak_rss_mb": run.peak_rss_mb}
     native = dest.parent / f"{dest.name}-native"
     if native.is_dir():  # GPTQModel: the size is its own format's, not the dense copy's
