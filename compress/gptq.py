@@ -23,7 +23,6 @@ from compress.grid import (
     QuantizedTensor,
     compute_scale_zero,
     group_min_max,
-    quantize_codes,
 )
 
 logger = logging.getLogger(__name__)

@@ -286,7 +286,8 @@ def _hessians(step: LayerStep, names: list[str]) -> dict[str, torch.Tensor]:
     stop_at: list[str | None] = [None]
 
     def collect(name: str, x: torch.Tensor) -> None:
-        order.append(name)
+        if stop_at[0] is None:
+            order.append(name)
         prev = last[0]
         if prev is not None and (prev.data_ptr(), prev.shape, prev.stride()) == (x.data_ptr(), x.shape, x.stride()):
             shares.setdefault(name, last[1])

@@ -23,10 +23,6 @@ __all__ = ["CHUNK", "DOT_THRESHOLD", "slerp"]
 DOT_THRESHOLD = 0.9995
 
 
-def _chunks(flat: Tensor) -> list[slice]:
-    return chunks(flat.numel())
-
-
 def _norm(flat: Tensor, parts: list[slice], work: torch.dtype, pmap: PMap) -> Tensor:
     """Euclidean norm as the norm of per-chunk norms."""
     pieces = pmap(lambda j: torch.linalg.vector_norm(flat[parts[j]].to(work)), range(len(parts)))
@@ -46,7 +42,7 @@ def slerp(
     tt = torch.tensor(float(t), dtype=work, device=v0.device)
     if a.numel() == 0:
         return v0.clone()
-    parts = _chunks(a)
+    parts = chunks(a.numel())
     one = torch.ones((), dtype=work, device=v0.device)
     norm_a, norm_b = _norm(a, parts, work, pmap), _norm(b, parts, work, pmap)
     norm_a = torch.where(norm_a > eps, norm_a, one)
