@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from merge.chunks import PMap, serial_map
