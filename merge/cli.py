@@ -25,6 +25,15 @@ def merge_cmd(
     device: Annotated[str, typer.Option("--device", help="Where the math runs: cpu, cuda, cuda:1, ...")] = "cpu",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random methods (dare_linear, dare_ties).")] = 0,
     threads: Annotated[int | None, typer.Option("--threads", help="Threads computing each tensor's chunks (default: one per core, at most 8); the output does not depend on it.")] = None,
+    engine: Annotated[
+        str,
+        typer.Option(
+            "--engine",
+            help="Math engine: numpy (CPU, never loads torch: safetensors bf16/fp16/fp32 inputs with linear, soup, slerp, "
+            "task_arithmetic, dare_linear, dare_ties), torch (every method, input and device), or auto (numpy where it applies). "
+            "Both write the same tensors.",
+        ),
+    ] = "auto",
     allow_pickle: Annotated[
         bool, typer.Option("--allow-pickle", help="Accept pickle checkpoints (.bin/.pt), loaded with torch.load(weights_only=True).")
     ] = False,
@@ -51,6 +60,7 @@ def merge_cmd(
             seed=seed,
             allow_pickle=allow_pickle,
             threads=threads,
+            engine=engine,
             progress=lambda i, n, _name: bar.update(task, completed=i, total=n),
         )
     seconds = time.perf_counter() - start
@@ -62,6 +72,7 @@ def merge_cmd(
     if report.layers is not None:
         table.add_row("layers", str(report.layers))
     table.add_row("dtypes", ", ".join(report.dtypes))
+    table.add_row("engine", report.engine)
     table.add_row("size", f"{human_bytes(written.file_bytes)} in {len(written.files)} file(s)")
     table.add_row("time", f"{seconds:.1f} s")
     out.print(table)

@@ -11,27 +11,30 @@ allowed ones listed).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from merge.methods import METHODS
 from merge.params import Setting
 from weightsmith.errors import WeightsmithError
+from weightsmith.stformat import torch_dtype
 
-__all__ = ["DTYPES", "InputModel", "MergeConfig", "OutputSlice", "SliceSource", "load_config", "parse_dtype"]
+if TYPE_CHECKING:
+    import torch
 
-#: mergekit's dtype names, with the short forms weightsmith's CLI uses.
+__all__ = ["DTYPES", "InputModel", "MergeConfig", "OutputSlice", "SliceSource", "load_config", "parse_dtype", "parse_st_dtype"]
+
+#: mergekit's dtype names, with the short forms weightsmith's CLI uses -> safetensors dtype names.
 DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float64": torch.float64,
+    "float32": "F32",
+    "fp32": "F32",
+    "float16": "F16",
+    "fp16": "F16",
+    "bfloat16": "BF16",
+    "bf16": "BF16",
+    "float64": "F64",
 }
 
 #: mergekit config keys that weightsmith does not implement, with what to do instead.
@@ -46,13 +49,20 @@ UNSUPPORTED = {
 Parameters = dict[str, Setting]
 
 
-def parse_dtype(name: str | None) -> torch.dtype | None:
+def parse_st_dtype(name: str | None) -> str | None:
+    """A config dtype as its safetensors name (``bfloat16`` -> ``BF16``); ValueError when unknown."""
     if name is None:
         return None
     try:
         return DTYPES[name.removeprefix("torch.")]
     except KeyError:
         raise ValueError(f"unknown dtype {name!r} (choose from {', '.join(DTYPES)})") from None
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """A config dtype as a torch dtype (imports torch)."""
+    st = parse_st_dtype(name)
+    return None if st is None else torch_dtype(st)
 
 
 class _Strict(BaseModel):
@@ -130,7 +140,7 @@ class MergeConfig(_Strict):
     @field_validator("dtype", "out_dtype")
     @classmethod
     def _known_dtype(cls, value: str | None) -> str | None:
-        parse_dtype(value)
+        parse_st_dtype(value)
         return value
 
     @field_validator("tokenizer_source")
@@ -158,6 +168,15 @@ class MergeConfig(_Strict):
             return self.models[0].model
         assert self.slices, "validated: models or slices"
         return self.slices[0].sources[0].model
+
+    @property
+    def compute_st_dtype(self) -> str | None:
+        """``dtype`` as a safetensors dtype name, or None."""
+        return parse_st_dtype(self.dtype)
+
+    @property
+    def output_st_dtype(self) -> str | None:
+        return parse_st_dtype(self.out_dtype)
 
     @property
     def compute_dtype(self) -> torch.dtype | None:

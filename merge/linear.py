@@ -24,8 +24,9 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
 def linear(tensors: Sequence[Tensor], weights: Sequence[float], normalize: bool = True, *, pmap: PMap = serial_map) -> Tensor:
     """``sum_i weights[i] * tensors[i]``, divided by ``sum(weights)`` when ``normalize``.
 
-    Computed in float32 (float64 for float64 inputs) chunk by chunk (mapped by ``pmap``) with fused
-    multiply-adds in input order, and returned in the first tensor's dtype.
+    Computed in float32 (float64 for float64 inputs) chunk by chunk (mapped by ``pmap``): each
+    product rounded, then added in input order (no fused multiply-add, which numpy, the other
+    engine, lacks), and returned in the first tensor's dtype.
     """
     if not tensors:
         raise ValueError("linear needs at least one tensor")
@@ -45,7 +46,7 @@ def linear(tensors: Sequence[Tensor], weights: Sequence[float], normalize: bool 
         part = parts[j]
         acc = torch.zeros(part.stop - part.start, dtype=work, device=first.device)
         for flat, coefficient in zip(flats, coefficients):
-            acc.addcmul_(flat[part].to(work), coefficient)
+            acc += flat[part].to(work) * coefficient
         if normalize:
             acc.div_(total_weight)
         out[part] = acc

@@ -1,23 +1,24 @@
 """The merge methods by name: parameters, input contract and the math each calls — data, one entry
-per method. The names are mergekit's (plus ``soup``)."""
+per method. The names are mergekit's (plus ``soup``).
+
+Each method has its torch math (imported when first called, so that the registry, the config and
+the plan import no torch) and, where one exists, its numpy twin for the CPU engine that never
+loads torch (:mod:`merge.npmethods`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import Tensor
-
+from merge import npmethods
 from merge.chunks import PMap, serial_map
-from merge.linear import linear, soup
-from merge.model_stock import model_stock
+from merge.flags import Consensus, Sparsification
 from merge.params import Kind, ParamSpec, Scope
-from merge.passthrough import passthrough
-from merge.slerp import slerp
-from merge.sparsify import Sparsification
-from merge.task_arithmetic import Consensus, merge_deltas
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = ["METHODS", "BasePolicy", "Group", "Method", "method_named"]
 
@@ -54,36 +55,50 @@ class Method:
     max_inputs: int | None = None
     random: bool = False
     paper: str = ""
+    #: the numpy engine's version of ``apply``, when it has one
+    numpy: npmethods.NumpyMethod | None = None
 
     def param(self, name: str) -> ParamSpec | None:
         return next((p for p in self.params if p.name == name), None)
 
 
 def _linear(g: Group) -> Tensor:
+    from merge.linear import linear
+
     return linear(g.tensors, [p["weight"] for p in g.per_input], normalize=g.shared["normalize"], pmap=g.pmap)
 
 
 def _soup(g: Group) -> Tensor:
+    from merge.linear import soup
+
     return soup(g.tensors, pmap=g.pmap)
 
 
 def _slerp(g: Group) -> Tensor:
+    from merge.slerp import slerp
+
     assert g.base is not None
     (other,) = g.others()
     return slerp(g.shared["t"], g.tensors[g.base], g.tensors[other], pmap=g.pmap)
 
 
 def _model_stock(g: Group) -> Tensor:
+    from merge.model_stock import model_stock
+
     assert g.base is not None
     return model_stock(g.tensors[g.base], [g.tensors[i] for i in g.others()], filter_wise=g.shared["filter_wise"])
 
 
 def _passthrough(g: Group) -> Tensor:
+    from merge.passthrough import passthrough
+
     return passthrough(g.tensors[0], g.per_input[0]["scale"])
 
 
 def _delta(sparsification: Sparsification | None, consensus: Consensus | None) -> Callable[[Group], Tensor]:
     def apply(g: Group) -> Tensor:
+        from merge.task_arithmetic import merge_deltas
+
         assert g.base is not None
         others = g.others()
         return merge_deltas(
@@ -124,6 +139,7 @@ def _delta_method(
         base=BasePolicy.required,
         random=sparsification is Sparsification.random,
         paper=paper,
+        numpy=npmethods.deltas_method(sparsification, consensus) if sparsification in (None, Sparsification.random) else None,
     )
 
 
@@ -135,8 +151,9 @@ METHODS: dict[str, Method] = {
             _linear,
             (ParamSpec("weight", Kind.number, Scope.input), ParamSpec("normalize", Kind.flag, Scope.shared, True)),
             paper="https://arxiv.org/abs/2203.05482",
+            numpy=npmethods.linear,
         ),
-        Method("soup", _soup, paper="https://arxiv.org/abs/2203.05482"),
+        Method("soup", _soup, paper="https://arxiv.org/abs/2203.05482", numpy=npmethods.soup),
         Method(
             "slerp",
             _slerp,
@@ -145,6 +162,7 @@ METHODS: dict[str, Method] = {
             min_inputs=2,
             max_inputs=2,
             paper="https://en.wikipedia.org/wiki/Slerp",
+            numpy=npmethods.slerp,
         ),
         _delta_method("task_arithmetic", "https://arxiv.org/abs/2212.04089", None, None, False, False),
         _delta_method("ties", "https://arxiv.org/abs/2306.01708", Sparsification.magnitude, Consensus.sum, True, False),

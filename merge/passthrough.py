@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from torch import Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = ["PER_LAYER_CONFIG_KEYS", "passthrough", "stack_layers", "stacked_config"]
 

@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from merge.config import MergeConfig
 from merge.layout import Layout
 from merge.methods import BasePolicy, Method, method_named
@@ -30,6 +28,7 @@ from merge.params import ParamSpec, Scope, resolve
 from merge.passthrough import stack_layers, stacked_config
 from merge.sources import MergeInput, open_input
 from weightsmith.errors import WeightsmithError
+from weightsmith.stformat import DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +130,7 @@ def open_inputs(config: MergeConfig, config_dir: Path | None, *, allow_pickle: b
     inputs: list[MergeInput] = []
     index: dict[str, int] = {}
     by_key: dict[str, int] = {}
-    gguf_dtype = config.compute_dtype or torch.float32
+    gguf_dtype = config.compute_st_dtype or "F32"
     for ref in _references(config):
         opened = open_input(ref, config_dir, allow_pickle=allow_pickle, gguf_dtype=gguf_dtype)
         if opened.key not in by_key:
@@ -379,7 +378,7 @@ class _Planner:
             config = stacked_config(config, key, [(self.inputs[slices[k].sources[0][0]].config, layer) for k, layer in stacked])
         dtype = self.config.out_dtype or self.config.dtype
         if dtype is not None:
-            name = str(self.config.output_dtype or self.config.compute_dtype).removeprefix("torch.")
+            name = DTYPES[self.config.output_st_dtype or self.config.compute_st_dtype][0]
             for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["dtype"]:
                 config[key] = name
         return config

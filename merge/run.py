@@ -16,27 +16,26 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-import torch
-from torch import Tensor
-
-from merge.chunks import PMap, serial_map
 from merge.config import MergeConfig, load_config
-from merge.methods import Group
 from merge.plan import Job, Plan, build_plan, open_inputs
 from weightsmith.checkpoint import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter
 from weightsmith.errors import WeightsmithError
 from weightsmith.provenance import Record
+from weightsmith.stformat import DTYPES
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MergeReport", "merge_checkpoints", "prepare", "tensor_seed"]
+__all__ = ["ENGINES", "MergeReport", "merge_checkpoints", "prepare", "tensor_seed"]
+
+#: ``auto`` takes the numpy engine whenever it applies (see :func:`merge.engine_numpy.eligible`).
+ENGINES = ("auto", "numpy", "torch")
 
 Progress = Callable[[int, int, str], None]
 
@@ -47,6 +46,7 @@ class MergeReport:
 
     method: str
     output: Path
+    engine: str = ""
     tensors: int = 0
     merged: int = 0
     copied: int = 0
@@ -58,6 +58,7 @@ class MergeReport:
     def figures(self) -> dict:
         return {
             "method": self.method,
+            "engine": self.engine,
             "tensors": self.tensors,
             "merged_tensors": self.merged,
             "copied_tensors": self.copied,
@@ -83,14 +84,15 @@ def prepare(config: str | Path | dict | MergeConfig, *, allow_pickle: bool = Fal
     return build_plan(cfg, inputs, index, Path(where) if where is not None else None)
 
 
-class _Executor:
-    def __init__(self, plan: Plan, device: str, seed: int, pmap: PMap) -> None:
+class _Pipeline:
+    """Produce every output tensor in plan order with one engine: the next tensor's inputs are read
+    (in one thread) while this one is merged (here) and the previous one is written (in another)."""
+
+    def __init__(self, plan: Plan, engine, output_st: str | None, compute_st: str | None) -> None:
         self.plan = plan
-        self.device = torch.device(device)
-        self.seed = seed
-        self.pmap = pmap
-        self.compute_dtype = plan.config.compute_dtype
-        self.output_dtype = plan.config.output_dtype
+        self.engine = engine
+        self.output_st = output_st
+        self.compute_st = compute_st
 
     def copy_source(self, job: Job) -> bool:
         """True when the output is one input tensor unchanged (passthrough without scale or cast)."""
@@ -98,53 +100,26 @@ class _Executor:
             return False
         source = job.sources[0]
         model = self.plan.inputs[source.model]
-        dtype = model.dtype(source.name)
         if not model.stored_as_is(source.name):
             return False
-        target = (self.output_dtype or self.compute_dtype or dtype) if dtype.is_floating_point else dtype
+        dtype = model.st_dtype(source.name)
+        floating = dtype.startswith(("F", "BF"))
+        target = (self.output_st or self.compute_st or dtype) if floating else dtype
         return target == dtype
 
-    def load(self, job: Job) -> list[Tensor]:
-        tensors = []
-        for source in job.sources:
-            tensor = self.plan.inputs[source.model].get(source.name)
-            tensors.append(tensor.to(self.device))
-        return tensors
-
-    def merge(self, job: Job, tensors: list[Tensor]) -> Tensor:
-        if not all(t.is_floating_point() for t in tensors):
-            first = tensors[0]
-            if any(t.dtype != first.dtype or not torch.equal(t, first) for t in tensors[1:]):
-                raise WeightsmithError(None, f"non-floating tensor {job.name} differs between inputs; merge cannot average it")
-            return first.to("cpu").clone()
-        dtype = self.compute_dtype
-        if dtype is None:
-            dtype = tensors[0].dtype
-            for t in tensors[1:]:
-                dtype = torch.promote_types(dtype, t.dtype)
-        tensors = [t.to(dtype) for t in tensors]
-        seeds = [tensor_seed(self.seed, job.name, i) for i in range(len(tensors))] if self.plan.method.random else []
-        group = Group(tensors, job.base, job.shared, job.per_input, seeds, self.pmap)
-        result = self.plan.method.apply(group)
-        if self.output_dtype is not None:
-            result = result.to(self.output_dtype)
-        return result.to("cpu").contiguous()
-
-    def copy_action(self, job: Job, writer: CheckpointWriter) -> tuple[Callable[[], None], torch.dtype, int]:
+    def copy_action(self, job: Job, writer: CheckpointWriter) -> tuple[Callable[[], None], str, int]:
         source = job.sources[0]
         model = self.plan.inputs[source.model]
         action = partial(writer.copy_from, model.checkpoint, source.name, as_name=job.name)
-        return action, model.dtype(source.name), math.prod(model.shape(source.name))
+        return action, DTYPES[model.st_dtype(source.name)][0], math.prod(model.shape(source.name))
 
     def run(self, writer: CheckpointWriter, report: MergeReport, progress: Progress | None) -> None:
-        """Produce every output tensor in plan order: the next tensor's inputs are read (in one
-        thread) while this one is merged (here) and the previous one is written (in another)."""
         jobs = self.plan.jobs
         copies = [self.copy_source(job) for job in jobs]
         with ThreadPoolExecutor(1, "merge-read") as reader, ThreadPoolExecutor(1, "merge-write") as writing:
 
             def prefetch(i: int) -> Future | None:
-                return reader.submit(self.load, jobs[i]) if i < len(jobs) and not copies[i] else None
+                return reader.submit(self.engine.load, jobs[i]) if i < len(jobs) and not copies[i] else None
 
             upcoming = prefetch(0)
             written: Future | None = None
@@ -154,44 +129,37 @@ class _Executor:
                     action, dtype, numel = self.copy_action(job, writer)
                     report.copied += 1
                 else:
-                    result = self.merge(job, current.result())
-                    action, dtype, numel = partial(writer.add, job.name, result), result.dtype, result.numel()
+                    action, dtype, numel = self.engine.merge(job, current.result(), writer)
                     report.merged += 1
                 if written is not None:
                     written.result()
                 written = writing.submit(action)
                 report.tensors += 1
                 report.parameters += numel
-                report.dtypes[str(dtype).removeprefix("torch.")] += numel
+                report.dtypes[dtype] += numel
                 if progress is not None:
                     progress(i + 1, len(jobs), job.name)
             if written is not None:
                 written.result()
 
 
-def _check_device(device: str) -> None:
-    """Refuse a device torch cannot use before any work starts."""
-    try:
-        torch.empty(1, device=device)
-    except (RuntimeError, AssertionError) as exc:
-        raise WeightsmithError(None, f"device {device!r} is not usable: {str(exc).splitlines()[0]}") from None
+def _job_seeds(plan: Plan, seed: int, job: Job) -> list[int]:
+    """One seed per input of ``job`` for the random methods (none for the others)."""
+    return [tensor_seed(seed, job.name, i) for i in range(len(job.sources))] if plan.method.random else []
 
 
-@contextmanager
-def _chunk_workers(threads: int) -> Iterator[PMap]:
-    """A :data:`PMap` running chunks in ``threads`` threads (torch ops release the GIL), with torch's
-    own intra-op threads at one during the pass (restored afterwards): chunks are cache-sized, where
-    OpenMP teams mostly wait on each other, while whole chunks in parallel keep every core busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        if threads == 1:
-            yield serial_map
-        else:
-            with ThreadPoolExecutor(threads, "merge-math") as pool:
-                yield lambda fn, indices: list(pool.map(fn, indices)) if len(indices) > 1 else [fn(i) for i in indices]
-    finally:
-        torch.set_num_threads(before)
+def _choose_engine(plan: Plan, device: str, engine: str) -> str:
+    from merge.engine_numpy import eligible
+
+    if engine == "torch":
+        return "torch"
+    reason = eligible(plan, device)
+    if reason is None:
+        return "numpy"
+    if engine == "numpy":
+        raise WeightsmithError(None, f"the numpy engine cannot run this merge: {reason}; use --engine torch or auto")
+    log.info("merging with the torch engine: %s", reason)
+    return "torch"
 
 
 def default_threads() -> int:
@@ -210,6 +178,7 @@ def merge_checkpoints(
     seed: int = 0,
     allow_pickle: bool = False,
     threads: int | None = None,
+    engine: str = "auto",
 ) -> MergeReport:
     """Merge the models ``config`` names (a mergekit YAML path, its parsed dict, or a
     :class:`MergeConfig`) into the checkpoint folder ``dest``.
@@ -218,28 +187,45 @@ def merge_checkpoints(
     every problem; the output appears at ``dest`` only when complete. ``seed`` drives the random
     methods (dare_linear, dare_ties); ``device`` is where the math runs (e.g. ``cuda``);
     ``threads`` is how many threads compute the chunks of each tensor (default: one per core, see
-    :func:`default_threads`); the output does not depend on it.
+    :func:`default_threads`); the output does not depend on it. ``engine`` picks the math:
+    ``numpy`` (CPU, no torch loaded; safetensors inputs and the methods of :mod:`merge.npmethods`),
+    ``torch`` (everything), or ``auto`` (numpy where it applies); both write the same tensors.
     """
     start = time.perf_counter()
     dest = Path(dest)
     threads = default_threads() if threads is None else threads
     if threads < 1:
         raise WeightsmithError(None, f"threads must be at least 1, got {threads}")
-    _check_device(device)
+    if engine not in ENGINES:
+        raise WeightsmithError(None, f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
+    if device != "cpu" or engine == "torch":
+        from merge.engine_torch import check_device
+
+        check_device(device)
     if dest.exists() and not force:
         raise WeightsmithError(dest, "already exists; pass --force to overwrite it")
     plan = prepare(config, allow_pickle=allow_pickle)
-    report = MergeReport(plan.method.name, dest, layers=plan.layers)
+    chosen = _choose_engine(plan, device, engine)
+    report = MergeReport(plan.method.name, dest, engine=chosen, layers=plan.layers)
     record = Record("merge", plan.config.model_dump(mode="json", exclude_none=True), seed=seed)
     for model in plan.inputs:
         record.add_input(model.origin, model.origin_files, model.checkpoint.provenance if model.origin == model.folder else None)
-    with (
-        CheckpointWriter(
-            dest, force=force, max_shard_size=max_shard_size, source=plan.donor.folder, config=plan.out_config, record=record
-        ) as writer,
-        _chunk_workers(threads) as pmap,
-    ):
-        _Executor(plan, device, seed, pmap).run(writer, report, progress)
+    seeds = partial(_job_seeds, plan, seed)
+    with ExitStack() as stack:
+        writer = stack.enter_context(
+            CheckpointWriter(dest, force=force, max_shard_size=max_shard_size, source=plan.donor.folder, config=plan.out_config, record=record)
+        )
+        if chosen == "numpy":
+            from merge import engine_numpy
+
+            pmap = stack.enter_context(engine_numpy.chunk_workers(threads))
+            math_engine = engine_numpy.NumpyEngine(plan, seeds, pmap)
+        else:
+            from merge import engine_torch
+
+            pmap = stack.enter_context(engine_torch.chunk_workers(threads))
+            math_engine = engine_torch.TorchEngine(plan, device, seeds, pmap)
+        _Pipeline(plan, math_engine, plan.config.output_st_dtype, plan.config.compute_st_dtype).run(writer, report, progress)
         record.figures.update(report.figures())
     report.seconds = time.perf_counter() - start
     log.info("merged %d tensors (%d copied) with %s into %s in %.1f s", report.tensors, report.copied, report.method, dest, report.seconds)

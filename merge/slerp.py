@@ -5,9 +5,11 @@ https://doi.org/10.1145/325165.325242 (for model weights: https://en.wikipedia.o
 
 Each tensor is one vector. The angle is measured between the normalized vectors; when they are
 nearly colinear (or antipodal), ``|cos| > dot_threshold``, the interpolation falls back to linear,
-as mergekit does. The reductions run over fixed chunks of :data:`CHUNK` elements in float32
-(float64 for float64 inputs), so a bf16 tensor is never copied whole into float32 and the result
-is bit-for-bit what mergekit 0.1.5 computes.
+as mergekit does. The norms and the dot product are float64 sums over fixed chunks of
+:data:`CHUNK` elements (a bf16 tensor is never copied whole into a wider dtype), and the angle and
+the two coefficients are computed in Python floats (:func:`merge.npmath.slerp_coefficients`) and
+rounded to float32: no summation order or math library shows in the result, so the numpy engine
+writes the same bits. The interpolation itself runs in float32 (float64 for float64 inputs).
 """
 
 from __future__ import annotations
@@ -17,16 +19,17 @@ from torch import Tensor
 
 from merge.chunks import CHUNK, PMap, chunks, serial_map
 from merge.linear import work_dtype
+from merge.npmath import cosine, slerp_coefficients
 
 __all__ = ["CHUNK", "DOT_THRESHOLD", "slerp"]
 
 DOT_THRESHOLD = 0.9995
 
 
-def _norm(flat: Tensor, parts: list[slice], work: torch.dtype, pmap: PMap) -> Tensor:
-    """Euclidean norm as the norm of per-chunk norms."""
-    pieces = pmap(lambda j: torch.linalg.vector_norm(flat[parts[j]].to(work)), range(len(parts)))
-    return torch.linalg.vector_norm(torch.stack(list(pieces)))
+def _dot(x: Tensor, y: Tensor, parts: list[slice], pmap: PMap) -> float:
+    """``sum(x * y)`` in float64: per-chunk sums added in chunk order."""
+    pieces = pmap(lambda j: float((x[parts[j]].double() * y[parts[j]].double()).sum()), range(len(parts)))
+    return sum(pieces, 0.0)
 
 
 def slerp(
@@ -39,23 +42,12 @@ def slerp(
         raise TypeError("SLERP needs floating-point tensors")
     work = work_dtype(v0.dtype)
     a, b = v0.reshape(-1), v1.reshape(-1)
-    tt = torch.tensor(float(t), dtype=work, device=v0.device)
     if a.numel() == 0:
         return v0.clone()
     parts = chunks(a.numel())
-    one = torch.ones((), dtype=work, device=v0.device)
-    norm_a, norm_b = _norm(a, parts, work, pmap), _norm(b, parts, work, pmap)
-    norm_a = torch.where(norm_a > eps, norm_a, one)
-    norm_b = torch.where(norm_b > eps, norm_b, one)
-    pieces = pmap(lambda j: ((a[parts[j]].to(work) / norm_a) * (b[parts[j]].to(work) / norm_b)).sum(), range(len(parts)))
-    dot = torch.stack(list(pieces)).sum().clamp(-1, 1)
-    if bool(dot.abs() > dot_threshold):
-        coef_a, coef_b = 1 - tt, tt
-    else:
-        theta = torch.acos(dot)
-        sin_theta = torch.sin(theta)
-        coef_a = torch.sin((1 - tt) * theta) / sin_theta
-        coef_b = torch.sin(tt * theta) / sin_theta
+    cos = cosine(_dot(a, a, parts, pmap), _dot(b, b, parts, pmap), _dot(a, b, parts, pmap), eps)
+    coefficients = slerp_coefficients(t, cos, dot_threshold)
+    coef_a, coef_b = (torch.tensor(c, dtype=work, device=v0.device) for c in coefficients)
     out = torch.empty_like(a)
 
     def chunk(j: int) -> None:

@@ -19,18 +19,22 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
-from compress.grid import QuantGrid
-from compress.pack import from_compressed_tensors
 from merge.layout import Layout, layout_of
 from weightsmith.checkpoint import Checkpoint
 from weightsmith.errors import WeightsmithError
-from weightsmith.gguf_import import GGUF_MAGIC, convert_gguf
+from weightsmith.gguf_import import GGUF_MAGIC
 from weightsmith.models import resolve
 from weightsmith.paths import cache_dir
 from weightsmith.provenance import HashCache
+from weightsmith.stformat import DTYPES
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+    from compress.grid import QuantGrid
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +51,17 @@ class PackedLayer:
     prefix: str
     grid: QuantGrid
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    #: the safetensors dtype of the scales, which the dequantized weight takes
+    st_dtype: str
+
+    @property
+    def dtype(self) -> torch.dtype:
+        from weightsmith.stformat import torch_dtype
+
+        return torch_dtype(self.st_dtype)
 
 
-class _LayerTensors(Mapping[str, Tensor]):
+class _LayerTensors(Mapping[str, "Tensor"]):
     """The stored tensors of one packed linear, read when asked for."""
 
     def __init__(self, checkpoint: Checkpoint, prefix: str) -> None:
@@ -76,6 +87,8 @@ def _target_matches(target: str, module: str) -> bool:
 
 
 def _grid(weights: dict, where: Path) -> QuantGrid:
+    from compress.grid import QuantGrid
+
     if weights.get("type", "int") != "int" or weights.get("dynamic"):
         raise WeightsmithError(
             where,
@@ -129,7 +142,7 @@ def _packed_layers(checkpoint: Checkpoint) -> dict[str, PackedLayer]:
         shape_t = checkpoint.get(f"{prefix}.weight_shape")
         if shape_t.is_floating_point() or shape_t.shape != (2,) or int(shape_t.min()) < 1:
             raise WeightsmithError(checkpoint.folder, f"{prefix}.weight_shape must hold two positive integers")
-        dtype = checkpoint.info(f"{prefix}.weight_scale").dtype
+        dtype = checkpoint.info(f"{prefix}.weight_scale").st_dtype
         layers[f"{prefix}.weight"] = PackedLayer(prefix, grid, tuple(int(v) for v in shape_t.tolist()), dtype)
     return layers
 
@@ -180,6 +193,11 @@ class MergeInput:
         layer = self.packed.get(name)
         return layer.dtype if layer else self.checkpoint.info(name).dtype
 
+    def st_dtype(self, name: str) -> str:
+        """The safetensors dtype name of the dense tensor ``name`` (no torch)."""
+        layer = self.packed.get(name)
+        return layer.st_dtype if layer else self.checkpoint.info(name).st_dtype
+
     def stored_as_is(self, name: str) -> bool:
         """True when the tensor's bytes on disk are the dense tensor (it can be copied raw)."""
         return name not in self.packed
@@ -188,6 +206,8 @@ class MergeInput:
         layer = self.packed.get(name)
         if layer is None:
             return self.checkpoint.get(name)
+        from compress.pack import from_compressed_tensors
+
         try:
             return from_compressed_tensors(_LayerTensors(self.checkpoint, layer.prefix), layer.prefix, layer.grid).dequantize()
         except ValueError as exc:
@@ -212,21 +232,25 @@ def _is_gguf(path: Path) -> bool:
         return fh.read(4) == GGUF_MAGIC
 
 
-def _gguf_folder(path: Path, dtype: torch.dtype) -> Path:
-    """The cached safetensors conversion of a GGUF file (converted on first use)."""
+def _gguf_folder(path: Path, dtype: str) -> Path:
+    """The cached safetensors conversion (into safetensors dtype ``dtype``) of a GGUF file,
+    converted on first use."""
+    from weightsmith.gguf_import import convert_gguf
+    from weightsmith.stformat import torch_dtype
+
     cache = HashCache()
     digest = cache.sha256(path)
     cache.save()
-    folder = cache_dir() / "gguf-inputs" / f"{digest[:24]}-{str(dtype).removeprefix('torch.')}"
+    folder = cache_dir() / "gguf-inputs" / f"{digest[:24]}-{DTYPES[dtype][0]}"
     if not folder.exists():
         folder.parent.mkdir(parents=True, exist_ok=True)
         log.info("converting %s into %s", path, folder)
-        convert_gguf(path, folder, dtype=dtype)
+        convert_gguf(path, folder, dtype=torch_dtype(dtype))
     return folder
 
 
 def open_input(
-    reference: str, config_dir: Path | None, *, allow_pickle: bool = False, gguf_dtype: torch.dtype = torch.float32
+    reference: str, config_dir: Path | None, *, allow_pickle: bool = False, gguf_dtype: str = "F32"
 ) -> MergeInput:
     """Open the model ``reference`` names (headers and config only, apart from a GGUF conversion)."""
     path = locate(reference, config_dir)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from enum import Enum
 
 import numpy as np
 import torch
@@ -34,6 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from merge.chunks import PMap, chunks, serial_map
+from merge.flags import Sparsification
+from merge.npmath import random_keep as np_random_keep
 
 __all__ = [
     "Chunked",
@@ -53,9 +54,6 @@ __all__ = [
 RADIX = 16
 _VIEWS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
-#: Entries per draw-density step of the random mask: the keep threshold on 16-bit draws.
-DRAW_LEVELS = 1 << 16
-
 
 @dataclass(frozen=True)
 class Chunked:
@@ -63,12 +61,6 @@ class Chunked:
 
     count: int
     get: Callable[[int], Tensor]
-
-
-class Sparsification(str, Enum):
-    magnitude = "magnitude"
-    random = "random"
-    outliers = "outliers"
 
 
 def magnitude_keys(x: Tensor) -> Tensor:
@@ -238,9 +230,9 @@ def keep_smallest(values: Tensor, m: int) -> Tensor:
 
 def random_keep(seed: int, j: int, n: int, density: float) -> Tensor:
     """Chunk ``j``'s keep mask of a DARE draw: ``n`` uint8 ones and zeros, each 1 with probability
-    ``density`` (to within 2**-17), from the chunk's own stream of ``seed``."""
-    draws = np.random.default_rng([seed, j]).integers(0, DRAW_LEVELS, size=n, dtype=np.uint16)
-    return torch.from_numpy((draws < round(density * DRAW_LEVELS)).view(np.uint8))
+    ``density`` (to within 2**-17), from the chunk's own stream of ``seed`` (the draws of
+    :func:`merge.npmath.random_keep`, shared with the numpy engine)."""
+    return torch.from_numpy(np_random_keep(seed, j, n, density).view(np.uint8))
 
 
 @dataclass(frozen=True)
@@ -289,12 +281,13 @@ class SparsifyPlan:
 
 def _l1_factor(plan: SparsifyPlan, deltas: Chunked, pmap: PMap, eps: float = 1e-7) -> Tensor | None:
     """The factor restoring the task vector's L1 norm after sparsification (None when either norm is
-    below ``eps``); sums in float32 per chunk, added in chunk order, rounded to the task vector's dtype."""
+    below ``eps``); sums in float64 per chunk, added in chunk order, rounded to the task vector's
+    dtype — float64, so that the summation order (torch's or numpy's) cannot show in the rounded norms."""
     sparsified = plan.masker(remember=True)
 
     def norms(j: int) -> tuple[float, float]:
         delta = deltas.get(j)
-        return float(delta.abs().sum(dtype=torch.float32)), float(sparsified(j, delta).abs().sum(dtype=torch.float32))
+        return float(delta.abs().sum(dtype=torch.float64)), float(sparsified(j, delta).abs().sum(dtype=torch.float64))
 
     before = after = 0.0
     for b, a in pmap(norms, range(deltas.count)):

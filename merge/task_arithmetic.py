@@ -26,13 +26,13 @@ The arithmetic runs in the dtype of the tensors it is given (the pass casts them
 from __future__ import annotations
 
 from collections.abc import Sequence
-from enum import Enum
 
 import torch
 from torch import Tensor
 
 from merge.chunks import PMap, chunks, serial_map
-from merge.sparsify import Chunked, Sparsification, plan_sparsify
+from merge.flags import Consensus, Sparsification
+from merge.sparsify import Chunked, plan_sparsify
 
 __all__ = [
     "Consensus",
@@ -44,14 +44,6 @@ __all__ = [
     "task_arithmetic",
     "ties",
 ]
-
-
-class Consensus(str, Enum):
-    """How TIES elects the sign of each entry: by the sign of the summed deltas (``sum``, the
-    paper's choice) or by the majority of their signs (``count``)."""
-
-    sum = "sum"
-    count = "count"
 
 
 def _accumulate(parts: Sequence[Tensor], dtype: torch.dtype) -> Tensor:

@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 
 from weightsmith.checkpoint import INDEX_NAME, Checkpoint, CheckpointWriter, copy_checkpoint
 from weightsmith.provenance import RECORD_NAME, Record, sha256_file
-from weightsmith.stformat import TORCH_TO_ST
+from weightsmith.stformat import DTYPES, torch_dtype
 
-ALL_DTYPES = sorted(TORCH_TO_ST, key=str)
+ALL_DTYPES = sorted((torch_dtype(name) for name in DTYPES), key=str)
 
 
 def sample_tensors(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -18,13 +18,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from weightsmith import provenance
 from weightsmith.errors import WeightsmithError
-from weightsmith.stformat import DTYPES, TORCH_TO_ST, TensorEntry, encode_header, read_header
+from weightsmith.stformat import DTYPES, NUMPY_FLOATS, TensorEntry, encode_header, numpy_view, read_header, st_dtype, torch_dtype
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +58,20 @@ class TensorInfo:
 
     name: str
     file: Path
-    dtype: torch.dtype
+    #: the safetensors dtype name (``BF16``, ``F32``, ...)
+    st_dtype: str
     shape: tuple[int, ...]
     start: int
     end: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The torch dtype (imports torch)."""
+        return torch_dtype(self.st_dtype)
+
+    @property
+    def is_floating_point(self) -> bool:
+        return self.st_dtype.startswith(("F", "BF"))
 
     @property
     def nbytes(self) -> int:
@@ -157,6 +170,8 @@ class Checkpoint:
                 "pickle checkpoint refused (loading pickle can run arbitrary code); pass --allow-pickle to load it "
                 "with torch.load(weights_only=True)",
             )
+        import torch
+
         tensors: dict[str, TensorInfo] = {}
         for file in files:
             try:
@@ -172,7 +187,7 @@ class Checkpoint:
                 if name in tensors:
                     raise WeightsmithError(file, f"tensor {name!r} is also stored in {tensors[name].file.name}")
                 nbytes = tensor.numel() * tensor.element_size()
-                tensors[name] = TensorInfo(name, file, tensor.dtype, tuple(tensor.shape), 0, nbytes)
+                tensors[name] = TensorInfo(name, file, st_dtype(tensor.dtype), tuple(tensor.shape), 0, nbytes)
         return tensors
 
     def _read_config(self) -> dict:
@@ -234,6 +249,8 @@ class Checkpoint:
     def get(self, name: str) -> torch.Tensor:
         """The tensor ``name``, memory-mapped (copy-on-write) from its file: only its pages are read,
         and the mapping is released when the tensor is."""
+        import torch
+
         info = self.info(name)
         if info.file in self._pickled:
             return self._pickled[info.file][name]
@@ -241,6 +258,18 @@ class Checkpoint:
             return torch.empty(info.shape, dtype=info.dtype)
         raw = np.memmap(info.file, dtype=np.uint8, mode="c", offset=info.start, shape=(info.nbytes,))
         return torch.from_numpy(raw).view(info.dtype).reshape(info.shape)
+
+    def array(self, name: str) -> np.ndarray:
+        """The floating-point tensor ``name`` as a flat read-only numpy array memory-mapped from its
+        safetensors file, without torch: float16/32/64 as such, bfloat16 as its raw 16 bits
+        (uint16). ValueError for other dtypes and for tensors of pickle checkpoints."""
+        info = self.info(name)
+        if info.file in self._pickled or info.st_dtype not in NUMPY_FLOATS:
+            raise ValueError(f"{name}: only floating-point safetensors tensors are read as arrays")
+        dtype = numpy_view(info.st_dtype)
+        if info.nbytes == 0:
+            return np.empty(0, dtype)
+        return np.memmap(info.file, dtype=dtype, mode="r", offset=info.start, shape=(info.numel,))
 
     def iter_shards(self) -> Iterator[tuple[Path, list[str]]]:
         """(file, tensor names in it) in storage order."""
@@ -257,10 +286,12 @@ class Checkpoint:
 
 
 def _info(entry: TensorEntry, file: Path) -> TensorInfo:
-    return TensorInfo(entry.name, file, DTYPES[entry.dtype][0], entry.shape, entry.start, entry.end)
+    return TensorInfo(entry.name, file, entry.dtype, entry.shape, entry.start, entry.end)
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
+    import torch
+
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     if flat.dtype != torch.uint8:
         flat = flat.view(torch.uint8)
@@ -282,13 +313,19 @@ class _ShardFile:
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         data = _tensor_bytes(tensor)
-        self.entries.append((name, TORCH_TO_ST[tensor.dtype], tuple(tensor.shape), self.size, self.size + data.nbytes))
+        self.entries.append((name, st_dtype(tensor.dtype), tuple(tensor.shape), self.size, self.size + data.nbytes))
         self.fh.write(memoryview(data))
+        self.size += data.nbytes
+
+    def add_array(self, name: str, dtype: str, shape: tuple[int, ...], data: np.ndarray) -> None:
+        """Append the raw bytes of a contiguous array as a tensor of safetensors dtype ``dtype``."""
+        self.entries.append((name, dtype, shape, self.size, self.size + data.nbytes))
+        self.fh.write(memoryview(np.ascontiguousarray(data)).cast("B"))
         self.size += data.nbytes
 
     def add_raw(self, name: str, info: TensorInfo) -> None:
         """Append a tensor by copying its bytes file to file in the kernel (copy_file_range)."""
-        self.entries.append((name, TORCH_TO_ST[info.dtype], info.shape, self.size, self.size + info.nbytes))
+        self.entries.append((name, info.st_dtype, info.shape, self.size, self.size + info.nbytes))
         self.fh.flush()
         with open(info.file, "rb") as src:
             offset, remaining = info.start, info.nbytes
@@ -364,9 +401,20 @@ class CheckpointWriter:
         """Append one tensor to the output."""
         if name in self._names:
             raise ValueError(f"tensor {name!r} written twice")
-        if tensor.dtype not in TORCH_TO_ST:
-            raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} cannot be stored in safetensors")
+        try:
+            st_dtype(tensor.dtype)
+        except KeyError:
+            raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} cannot be stored in safetensors") from None
         self._shard_for(name, tensor.numel() * tensor.element_size()).add(name, tensor)
+
+    def add_array(self, name: str, dtype: str, shape: tuple[int, ...], data: np.ndarray) -> None:
+        """Append one tensor given as a contiguous array of its raw values (bfloat16 as uint16) and
+        its safetensors dtype name ``dtype``."""
+        if name in self._names:
+            raise ValueError(f"tensor {name!r} written twice")
+        if dtype not in DTYPES or data.nbytes != math.prod(shape) * DTYPES[dtype][1]:
+            raise ValueError(f"tensor {name!r}: {data.nbytes} bytes do not make a {dtype} tensor of shape {shape}")
+        self._shard_for(name, data.nbytes).add_array(name, dtype, tuple(shape), data)
 
     def copy_from(self, checkpoint: Checkpoint, name: str, as_name: str | None = None) -> None:
         """Append ``name`` from ``checkpoint`` unchanged. Bytes go file to file in the kernel when

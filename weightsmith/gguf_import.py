@@ -10,12 +10,14 @@ import json
 import logging
 import tempfile
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from weightsmith.checkpoint import CheckpointWriter
 from weightsmith.errors import WeightsmithError
 from weightsmith.provenance import Record
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +37,16 @@ def convert_gguf(
     gguf_path: str | Path,
     dest: str | Path,
     *,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | None = None,
     force: bool = False,
     max_shard_size: int | None = None,
 ) -> Path:
-    """Convert ``gguf_path`` into the checkpoint folder ``dest`` (weights cast to ``dtype``)."""
+    """Convert ``gguf_path`` into the checkpoint folder ``dest`` (weights cast to ``dtype``,
+    default bfloat16)."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    dtype = torch.bfloat16 if dtype is None else dtype
 
     gguf_path = Path(gguf_path)
     check_gguf(gguf_path)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from weightsmith.errors import WeightsmithError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -16,19 +18,22 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 #: What we fetch of a hub repository: safetensors weights, configuration, tokenizer. Never pickle.
 HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja"]
 
+#: dtype spellings -> torch dtype attribute (names, so resolving a model imports no torch)
 DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
+    "fp32": "float32",
+    "float32": "float32",
+    "fp16": "float16",
+    "float16": "float16",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
 }
 
 
 def parse_dtype(name: str) -> torch.dtype:
+    import torch
+
     try:
-        return DTYPES[name.lower()]
+        return getattr(torch, DTYPES[name.lower()])
     except KeyError:
         raise WeightsmithError(None, f"unknown dtype {name!r}; choose from fp32, fp16, bf16") from None
 
@@ -50,9 +55,12 @@ def resolve(spec: str | Path) -> Path:
     raise WeightsmithError(text, "no such file or folder")
 
 
-def load_model(folder: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """A transformers causal LM from a checkpoint folder, in eval mode."""
+def load_model(folder: Path, dtype: torch.dtype | None = None, device: str = "cpu"):
+    """A transformers causal LM from a checkpoint folder (float32 unless ``dtype``), in eval mode."""
+    import torch
     from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32 if dtype is None else dtype
 
     extra = {}
     if _quant_method(folder) == "compressed-tensors":

@@ -14,29 +14,59 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
 from weightsmith.errors import WeightsmithError
 
-#: safetensors dtype name -> (torch dtype, bytes per element)
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8),
-    "F32": (torch.float32, 4),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "I64": (torch.int64, 8),
-    "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2),
-    "I8": (torch.int8, 1),
-    "U64": (torch.uint64, 8),
-    "U32": (torch.uint32, 4),
-    "U16": (torch.uint16, 2),
-    "U8": (torch.uint8, 1),
-    "BOOL": (torch.bool, 1),
-    "F8_E4M3": (torch.float8_e4m3fn, 1),
-    "F8_E5M2": (torch.float8_e5m2, 1),
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+#: safetensors dtype name -> (torch dtype attribute, bytes per element). Names, not torch objects,
+#: so that reading headers imports no torch (the numpy merge engine never loads it).
+DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U64": ("uint64", 8),
+    "U32": ("uint32", 4),
+    "U16": ("uint16", 2),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
 }
-TORCH_TO_ST: dict[torch.dtype, str] = {dt: name for name, (dt, _) in DTYPES.items()}
+#: The floating-point safetensors dtypes numpy computes with: name -> the numpy dtype the raw bytes
+#: are viewed as (bfloat16, which numpy lacks, as its 16 bits; see :mod:`merge.npmath`).
+NUMPY_FLOATS: dict[str, str] = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "uint16"}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of the safetensors dtype ``name`` (imports torch)."""
+    import torch
+
+    return getattr(torch, DTYPES[name][0])
+
+
+def st_dtype(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype; KeyError when safetensors cannot store it."""
+    attr = str(dtype).removeprefix("torch.")
+    for name, (torch_name, _) in DTYPES.items():
+        if torch_name == attr:
+            return name
+    raise KeyError(dtype)
+
+
+def numpy_view(name: str) -> np.dtype:
+    """The numpy dtype the bytes of a floating-point tensor are read as (KeyError for others)."""
+    import numpy as np
+
+    return np.dtype(NUMPY_FLOATS[name])
 
 #: The safetensors library itself refuses headers above 100 MB.
 MAX_HEADER_BYTES = 100_000_000
@@ -63,7 +93,7 @@ class TensorEntry:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype][0]
+        return torch_dtype(self.dtype)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,104 @@
+"""The numpy engine of the merge pass: CPU only, no torch imported at all (importing torch alone
+takes longer than a whole linear merge of a 135M model), for the common case — safetensors
+checkpoint folders of bfloat16 / float16 / float32 tensors merged by a method with a numpy twin
+(:mod:`merge.npmethods`: linear, soup, slerp, task_arithmetic, dare_linear, dare_ties). Its output
+is bit-for-bit the torch engine's (tests compare them); :func:`eligible` says when it applies.
+
+Inputs are memory-mapped arrays (:meth:`weightsmith.checkpoint.Checkpoint.array`); each chunk of
+an input is widened to float32 (and rounded to the compute dtype when that is narrower than the
+input's); each finished chunk is rounded into the output array, which is written as raw bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from functools import partial
+
+import numpy as np
+
+from merge.chunks import PMap, serial_map
+from merge.npmath import FLOATS, narrow, promote, round_to, widen
+from merge.npmethods import ArrayGroup
+from merge.plan import Job, Plan
+from weightsmith.checkpoint import CheckpointWriter
+from weightsmith.errors import WeightsmithError
+from weightsmith.stformat import DTYPES
+
+__all__ = ["NumpyEngine", "eligible", "chunk_workers"]
+
+_OUTPUT_VIEWS = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}
+
+
+def eligible(plan: Plan, device: str) -> str | None:
+    """None when the numpy engine can run ``plan`` on ``device``; else why not (for the log)."""
+    if device != "cpu":
+        return f"device {device}"
+    if plan.method.numpy is None:
+        return f"no numpy version of {plan.method.name}"
+    for dtype in (plan.config.compute_st_dtype, plan.config.output_st_dtype):
+        if dtype is not None and dtype not in FLOATS:
+            return f"dtype {dtype}"
+    for model in plan.inputs:
+        if model.packed:
+            return f"{model.reference} is a packed quantized checkpoint"
+        if any(f.suffix != ".safetensors" for f in model.checkpoint.files):
+            return f"{model.reference} is not stored as safetensors"
+    for job in plan.jobs:
+        for source in job.sources:
+            dtype = plan.inputs[source.model].st_dtype(source.name)
+            if dtype not in FLOATS:
+                return f"tensor {source.name} is {dtype}"
+    return None
+
+
+@contextmanager
+def chunk_workers(threads: int) -> Iterator[PMap]:
+    """A :data:`PMap` running chunks in ``threads`` threads (numpy releases the GIL in its loops)."""
+    if threads == 1:
+        yield serial_map
+        return
+    with ThreadPoolExecutor(threads, "merge-math") as pool:
+        yield lambda fn, indices: list(pool.map(fn, indices)) if len(indices) > 1 else [fn(i) for i in indices]
+
+
+class NumpyEngine:
+    """The twin of :class:`merge.engine_torch.TorchEngine`: ``load`` maps a job's input arrays,
+    ``merge`` computes the output and returns the writer action, its dtype name and its size."""
+
+    def __init__(self, plan: Plan, seeds: Callable[[Job], list[int]], pmap: PMap) -> None:
+        self.plan = plan
+        self.seeds = seeds
+        self.pmap = pmap
+
+    def load(self, job: Job) -> list[tuple[np.ndarray, str]]:
+        loaded = []
+        for source in job.sources:
+            model = self.plan.inputs[source.model]
+            loaded.append((model.checkpoint.array(source.name), model.st_dtype(source.name)))
+        return loaded
+
+    def merge(self, job: Job, arrays: list[tuple[np.ndarray, str]], writer: CheckpointWriter) -> tuple[Callable[[], None], str, int]:
+        shape = self.plan.inputs[job.sources[0].model].shape(job.sources[0].name)
+        numel = len(arrays[0][0])
+        if any(len(a) != numel for a, _ in arrays):
+            raise WeightsmithError(None, f"tensor {job.name}: inputs differ in size")
+        compute = self.plan.config.compute_st_dtype or promote([dtype for _, dtype in arrays])
+        output = self.plan.config.output_st_dtype or compute
+        out = np.empty(numel, dtype=_OUTPUT_VIEWS[output])
+
+        def values(i: int, part: slice) -> np.ndarray:
+            raw, dtype = arrays[i]
+            x = widen(raw[part], dtype)
+            return x if dtype == compute or compute == "F32" else round_to(x, compute)
+
+        def emit(part: slice, x: np.ndarray) -> None:
+            if compute not in (output, "F32"):
+                x = round_to(x, compute)
+            out[part] = narrow(x, output)
+
+        group = ArrayGroup(numel, compute, values, emit, len(arrays), job.base, job.shared, job.per_input, self.seeds(job), self.pmap)
+        assert self.plan.method.numpy is not None
+        self.plan.method.numpy(group)
+        return partial(writer.add_array, job.name, output, tuple(shape), out), DTYPES[output][0], numel

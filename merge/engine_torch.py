@@ -1,0 +1,85 @@
+"""The torch engine of the merge pass: every method, every input kind (GGUF, packed, pickle) and
+any device torch offers. Tensors are read through :class:`merge.sources.MergeInput`, cast to the
+compute dtype, merged by the method's torch math and handed to the writer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from merge.chunks import PMap, serial_map
+from merge.methods import Group
+from merge.plan import Job, Plan
+from weightsmith.checkpoint import CheckpointWriter
+from weightsmith.errors import WeightsmithError
+from weightsmith.stformat import DTYPES, st_dtype
+
+__all__ = ["TorchEngine", "check_device", "chunk_workers"]
+
+
+def check_device(device: str) -> None:
+    """Refuse a device torch cannot use before any work starts."""
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        raise WeightsmithError(None, f"device {device!r} is not usable: {str(exc).splitlines()[0]}") from None
+
+
+@contextmanager
+def chunk_workers(threads: int) -> Iterator[PMap]:
+    """A :data:`PMap` running chunks in ``threads`` threads (torch ops release the GIL), with torch's
+    own intra-op threads at one during the pass (restored afterwards): chunks are cache-sized, where
+    OpenMP teams mostly wait on each other, while whole chunks in parallel keep every core busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if threads == 1:
+            yield serial_map
+        else:
+            with ThreadPoolExecutor(threads, "merge-math") as pool:
+                yield lambda fn, indices: list(pool.map(fn, indices)) if len(indices) > 1 else [fn(i) for i in indices]
+    finally:
+        torch.set_num_threads(before)
+
+
+class TorchEngine:
+    """``load`` reads a job's input tensors (on the reader thread); ``merge`` computes the output
+    and returns the writer action, the output's dtype name and its element count."""
+
+    def __init__(self, plan: Plan, device: str, seeds: Callable[[Job], list[int]], pmap: PMap) -> None:
+        self.plan = plan
+        self.device = torch.device(device)
+        self.seeds = seeds
+        self.pmap = pmap
+        self.compute_dtype = plan.config.compute_dtype
+        self.output_dtype = plan.config.output_dtype
+
+    def load(self, job: Job) -> list[Tensor]:
+        return [self.plan.inputs[source.model].get(source.name).to(self.device) for source in job.sources]
+
+    def merge(self, job: Job, tensors: list[Tensor], writer: CheckpointWriter) -> tuple[Callable[[], None], str, int]:
+        result = self._merge(job, tensors)
+        return partial(writer.add, job.name, result), DTYPES[st_dtype(result.dtype)][0], result.numel()
+
+    def _merge(self, job: Job, tensors: list[Tensor]) -> Tensor:
+        if not all(t.is_floating_point() for t in tensors):
+            first = tensors[0]
+            if any(t.dtype != first.dtype or not torch.equal(t, first) for t in tensors[1:]):
+                raise WeightsmithError(None, f"non-floating tensor {job.name} differs between inputs; merge cannot average it")
+            return first.to("cpu").clone()
+        dtype = self.compute_dtype
+        if dtype is None:
+            dtype = tensors[0].dtype
+            for t in tensors[1:]:
+                dtype = torch.promote_types(dtype, t.dtype)
+        tensors = [t.to(dtype) for t in tensors]
+        group = Group(tensors, job.base, job.shared, job.per_input, self.seeds(job), self.pmap)
+        result = self.plan.method.apply(group)
+        if self.output_dtype is not None:
+            result = result.to(self.output_dtype)
+        return result.to("cpu").contiguous()
