@@ -118,11 +118,12 @@ def alternate(config: Path, work: Path, tag: str, repeats: int, keep: bool) -> t
     return out, kept.get("weightsmith"), kept.get("mergekit")
 
 
-#: What each tool imports before its first tensor: weightsmith's CLI and merge pass (torch included;
-#: `weightsmith merge --help` alone imports no torch), and mergekit-yaml, whose module imports
-#: torch and transformers at load (its --help pays all of it).
+#: What each tool imports before its first tensor: weightsmith's CLI and merge pass with the numpy
+#: engine (no torch: the engine the four benchmark merges but ties use; ties' torch engine adds
+#: `import torch`, about 1.2 s), and mergekit-yaml, whose module imports torch and transformers at
+#: load (its --help pays all of it).
 STARTUP = {
-    "weightsmith": [str(VENV_BIN / "python"), "-c", "import torch, weightsmith.cli, merge.run"],
+    "weightsmith": [str(VENV_BIN / "python"), "-c", "import weightsmith.cli, merge.run, merge.engine_numpy"],
     "mergekit": [str(PEERS_BIN / "mergekit-yaml"), "--help"],
 }
 

@@ -14,6 +14,7 @@ election, https://arxiv.org/abs/2306.01708; DARE, https://arxiv.org/abs/2311.030
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -64,6 +65,8 @@ def pack(x: np.ndarray, dtype: str) -> np.ndarray:
     """float32 values already on ``dtype``'s grid as stored values (exact: no rounding), the
     inverse of :func:`widen`."""
     if dtype == "BF16":
+        if sys.byteorder == "little":
+            return x.view(np.uint16)[1::2].copy()
         return (x.view(np.uint32) >> _SIXTEEN).astype(np.uint16)
     if dtype == "F16":
         return x.astype(np.float16)
@@ -88,8 +91,12 @@ def _bf16_rounded(x: np.ndarray) -> np.ndarray:
 
 
 def bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 values rounded to the nearest bfloat16 (ties to even), as uint16 bits."""
-    return (_bf16_rounded(x) >> 16).astype(np.uint16)
+    """float32 values rounded to the nearest bfloat16 (ties to even), as uint16 bits (on a
+    little-endian machine, a strided view of the rounded words' high halves: no further pass)."""
+    rounded = _bf16_rounded(x)
+    if sys.byteorder == "little":
+        return rounded.view(np.uint16)[1::2]
+    return (rounded >> _SIXTEEN).astype(np.uint16)
 
 
 def round_to(x: np.ndarray, dtype: str) -> np.ndarray:

@@ -90,14 +90,20 @@ def soup(g: ArrayGroup) -> None:
     _linear(g, [1.0] * g.count, True)
 
 
-def _dot(g: ArrayGroup, i: int, k: int, parts: list[slice]) -> float:
-    """``sum(x_i * x_k)`` in float64: per-chunk sums added in chunk order (as :mod:`merge.slerp`)."""
+def _dots(g: ArrayGroup, i: int, k: int, parts: list[slice]) -> tuple[float, float, float]:
+    """``x_i . x_i``, ``x_k . x_k`` and ``x_i . x_k`` in float64, per-chunk dot products added in
+    chunk order (as :mod:`merge.slerp` sums them; float64, so the order does not show)."""
 
-    def piece(j: int) -> float:
-        x = g.values(i, parts[j]).astype(np.float64)
-        return float((x * (x if i == k else g.values(k, parts[j]).astype(np.float64))).sum())
+    def piece(j: int) -> tuple[float, float, float]:
+        a = g.values(i, parts[j]).astype(np.float64)
+        b = g.values(k, parts[j]).astype(np.float64)
+        # multiply and sum, not np.dot: BLAS would start its own threads beside the chunk workers
+        return float((a * a).sum()), float((b * b).sum()), float((a * b).sum())
 
-    return sum(g.pmap(piece, range(len(parts))), 0.0)
+    aa = bb = ab = 0.0
+    for x, y, z in g.pmap(piece, range(len(parts))):
+        aa, bb, ab = aa + x, bb + y, ab + z
+    return aa, bb, ab
 
 
 def slerp(g: ArrayGroup) -> None:
@@ -108,7 +114,7 @@ def slerp(g: ArrayGroup) -> None:
         return
     base = g.base
     parts = chunks(g.numel)
-    cos = cosine(_dot(g, base, base, parts), _dot(g, other, other, parts), _dot(g, base, other, parts), SLERP_EPS)
+    cos = cosine(*_dots(g, base, other, parts), SLERP_EPS)
     coef_a, coef_b = (F32(c) for c in slerp_coefficients(g.shared["t"], cos, SLERP_DOT_THRESHOLD))
     _run(g, lambda _j, p: lerp_chunk(g.values(base, p), g.values(other, p), coef_a, coef_b))
 

@@ -6,6 +6,9 @@ inputs are read (memory-mapped), merged and written through
 next tensor's inputs are read while this one is merged and the previous one written — so at most
 two tensors per input and two outputs are in memory. The order of work and every random draw are
 fixed, so the same inputs, config and seed give a byte-identical folder.
+
+The math runs in one of two engines with the same output: numpy (:mod:`merge.engine_numpy`: CPU,
+torch never imported) where it applies, else torch (:mod:`merge.engine_torch`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any, Protocol
 
 from merge.config import MergeConfig, load_config
 from merge.plan import Job, Plan, build_plan, open_inputs
@@ -32,7 +36,7 @@ from weightsmith.stformat import DTYPES
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ENGINES", "MergeReport", "merge_checkpoints", "prepare", "tensor_seed"]
+__all__ = ["ENGINES", "Engine", "MergeReport", "merge_checkpoints", "prepare", "tensor_seed"]
 
 #: ``auto`` takes the numpy engine whenever it applies (see :func:`merge.engine_numpy.eligible`).
 ENGINES = ("auto", "numpy", "torch")
@@ -84,11 +88,21 @@ def prepare(config: str | Path | dict | MergeConfig, *, allow_pickle: bool = Fal
     return build_plan(cfg, inputs, index, Path(where) if where is not None else None)
 
 
+class Engine(Protocol):
+    """What the pipeline needs of an engine (:mod:`merge.engine_numpy`, :mod:`merge.engine_torch`):
+    ``load`` reads a job's inputs (on the reader thread); ``merge`` computes the output tensor and
+    returns the writer's action, the output's dtype name and its element count."""
+
+    def load(self, job: Job) -> Any: ...
+
+    def merge(self, job: Job, loaded: Any, writer: CheckpointWriter) -> tuple[Callable[[], None], str, int]: ...
+
+
 class _Pipeline:
     """Produce every output tensor in plan order with one engine: the next tensor's inputs are read
     (in one thread) while this one is merged (here) and the previous one is written (in another)."""
 
-    def __init__(self, plan: Plan, engine, output_st: str | None, compute_st: str | None) -> None:
+    def __init__(self, plan: Plan, engine: Engine, output_st: str | None, compute_st: str | None) -> None:
         self.plan = plan
         self.engine = engine
         self.output_st = output_st
@@ -219,7 +233,7 @@ def merge_checkpoints(
             from merge import engine_numpy
 
             pmap = stack.enter_context(engine_numpy.chunk_workers(threads))
-            math_engine = engine_numpy.NumpyEngine(plan, seeds, pmap)
+            math_engine: Engine = engine_numpy.NumpyEngine(plan, seeds, pmap)
         else:
             from merge import engine_torch
 
