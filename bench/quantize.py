@@ -88,12 +88,13 @@ oneshot(model=model, recipe=recipe, output_dir=out_dir, save_compressed=True, **
 #: GPTQModel quantizes and saves its own format (AWQ GEMM), which our venv cannot load; so the script
 #: loads the saved model back with GPTQModel and writes a dense bf16 copy for the shared evaluation:
 #: each quantized linear's weight is read out by feeding it the identity matrix, and every other
-#: tensor (norms that AWQ rescaled, embeddings) is copied. Its size is that of the native folder.
+#: tensor (norms that AWQ rescaled, embeddings) is copied, and the tokenizer saved beside it (the
+#: shared evaluation reads it from each folder). Its size is that of the native folder.
 GPTQMODEL_SCRIPT = r"""
 import sys, torch
 from gptqmodel import GPTQModel
 from gptqmodel.quantization import QuantizeConfig, METHOD, FORMAT
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 model_dir, out_dir, method, bits, gs, calib = sys.argv[1:7]
 ids = torch.load(calib)
 data = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in ids]
@@ -125,6 +126,7 @@ with torch.no_grad():
             state[key].copy_(value.to(state[key].dtype))
 assert n > 0, "no quantized linear found"
 dense.save_pretrained(out_dir)
+AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
 """
 
 

@@ -61,11 +61,15 @@ def test_ties_with_one_model_and_full_density_is_task_arithmetic(variants, tmp_p
 def test_linear_with_weights_one_and_zero_scores_the_first_model(variants, tmp_path, assets):
     models = [{"model": str(variants["base"]), "parameters": {"weight": 1.0}}, {"model": str(variants["ft1"]), "parameters": {"weight": 0.0}}]
     merge_checkpoints({"merge_method": "linear", "models": models}, tmp_path / "self")
-    for name in PROBES:
-        assert torch.equal(Checkpoint(tmp_path / "self").get(name), Checkpoint(variants["base"]).get(name))
+    merged_ckpt, base_ckpt = Checkpoint(tmp_path / "self"), Checkpoint(variants["base"])
+    assert merged_ckpt.names() == base_ckpt.names()
+    for name in base_ckpt.names():
+        assert torch.equal(merged_ckpt.get(name), base_ckpt.get(name)), name
     protocol = Protocol(max_tokens=2048)
     base, merged = evaluate_many([variants["base"], tmp_path / "self"], assets / "text" / "wikitext2-test.raw", protocol)
-    assert merged.perplexity == base.perplexity and 20 < base.perplexity < 40
+    # The same weights; the float32 CPU forward itself is not bit-stable when other processes load
+    # the cores (2026-12-01: 30.243283 vs 30.243312 under load, equal when alone), hence rel=1e-5.
+    assert merged.perplexity == pytest.approx(base.perplexity, rel=1e-5) and 20 < base.perplexity < 40
 
 
 def test_passthrough_doubles_the_depth_and_loads(variants, tmp_path):
