@@ -1,6 +1,6 @@
 """weightsmith merge vs mergekit-yaml on the merge set (SmolLM2-135M + two fine-tunes), side by side.
 
-Run:  .venv/bin/python bench/merge.py [--parts startup speed ties_stable scale quality] [--repeats 3] [--scale-repeats 2]
+Run:  .venv/bin/python bench/merge.py [--parts startup speed ties_stable scale quality] [--methods ...] [--repeats 3] [--scale-repeats 2]
                                       [--set-steps 30] [--requality METHOD ...] [--out bench/out/merge.json]
       .venv/bin/python bench/merge.py --table      (README tables of the saved results)
 
@@ -228,9 +228,9 @@ def part_speed(args, mset: dict, work: Path, results: dict) -> dict[str, Path]:
     dare_ties) outputs for the quality part."""
     configs = merge_configs(mset["base"], mset["shakespeare"], mset["python"])
     warm([mset["base"], mset["shakespeare"], mset["python"]])
-    speed: dict = {"input_bytes": folder_bytes(Path(mset["base"]))}
+    speed: dict = {**results.get("speed", {}), "input_bytes": folder_bytes(Path(mset["base"]))}
     keep: dict[str, Path] = {}
-    for method in METHODS:
+    for method in args.methods:
         config = write_yaml(configs[method], work / f"{method}.yml")
         figures, ours, theirs = alternate(config, work, method, args.repeats, keep=True)
         figures["config"] = configs[method]
@@ -401,6 +401,8 @@ def main() -> None:
     parser.add_argument("--scale-repeats", type=int, default=2)
     parser.add_argument("--set-steps", type=int, default=30, help="fine-tuning steps of the merge set (bench/make_merge_set.py --steps)")
     parser.add_argument("--max-tokens", type=int, default=20480)
+    parser.add_argument("--methods", nargs="*", choices=METHODS, default=list(METHODS),
+                        help="speed part: measure only these methods, keeping the saved figures of the others")
     parser.add_argument("--requality", nargs="*", choices=METHODS, default=None,
                         help="quality part: re-merge and re-evaluate only these weightsmith merges (after a change to "
                              "their math), keeping the saved figures of the other models")

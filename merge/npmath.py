@@ -169,15 +169,15 @@ def accumulate(parts: Sequence[np.ndarray], dtype: str) -> np.ndarray:
 
 
 def sign_agreement(deltas: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Per delta, 1.0 where its sign equals the sign elected by the deltas' sum (+ where the sum is
-    >= 0, a -0 sum electing -), else 0.0 — zero deltas never agree. The sum is not rounded to the
+    """Per delta, True where its sign equals the sign elected by the deltas' sum (+ where the sum is
+    >= 0, a -0 sum electing -), else False — zero deltas never agree. The sum is not rounded to the
     16-bit dtype as torch's is: rounding keeps the sign (a value too small for it becomes a zero of
     the same sign), and only the sign is used."""
     total = deltas[0] + deltas[1] if len(deltas) > 1 else deltas[0]
     for d in deltas[2:]:
         total = total + d
     elected = np.copysign(F32(1), total)
-    return [(d * elected > 0).astype(F32) for d in deltas]
+    return [d * elected > 0 for d in deltas]
 
 
 def random_keep(seed: int, j: int, n: int, density: float) -> np.ndarray:

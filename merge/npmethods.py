@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -119,19 +118,22 @@ def slerp(g: ArrayGroup) -> None:
     _run(g, lambda _j, p: lerp_chunk(g.values(base, p), g.values(other, p), coef_a, coef_b))
 
 
-def _l1_factor(g: ArrayGroup, parts: list[slice], measure: Callable[[int], tuple[float, float]]) -> np.float32 | None:
-    """DARE's rescale: the L1 norm of a task vector over that of its kept entries, from ``measure(j)``
-    (both norms of chunk ``j`` as float64 sums), added in chunk order and each rounded to the dtype,
-    as the torch engine rounds them; None when either is below the threshold."""
-    before = after = 0.0
-    for b, a in g.pmap(measure, range(len(parts))):
-        before += b
-        after += a
-    before_t, after_t = round_scalar(before, g.dtype), round_scalar(after, g.dtype)
+def _l1_factors(g: ArrayGroup, parts: list[slice], count: int, measure: Callable[[int], list[tuple[float, float]]]) -> list[np.float32 | None]:
+    """DARE's rescale of ``count`` task vectors: each one's L1 norm over that of its kept entries,
+    from ``measure(j)`` (both norms of chunk ``j`` of each, as float64 sums), added in chunk order and
+    each rounded to the dtype, as the torch engine rounds them; None when either is below the
+    threshold."""
+    before, after = [0.0] * count, [0.0] * count
+    for pieces in g.pmap(measure, range(len(parts))):
+        for k, (b, a) in enumerate(pieces):
+            before[k] += b
+            after[k] += a
     eps = round_scalar(L1_EPS, g.dtype)
-    if before_t < eps or after_t < eps:
-        return None
-    return round_scalar(float(F32(before_t / after_t)), g.dtype)
+    factors: list[np.float32 | None] = []
+    for b, a in zip(before, after):
+        before_t, after_t = round_scalar(b, g.dtype), round_scalar(a, g.dtype)
+        factors.append(None if before_t < eps or after_t < eps else round_scalar(float(F32(before_t / after_t)), g.dtype))
+    return factors
 
 
 def deltas_method(sparsification: Sparsification | None, consensus: Consensus | None) -> NumpyMethod:
@@ -160,16 +162,22 @@ def deltas_method(sparsification: Sparsification | None, consensus: Consensus | 
             delta = round_to(g.values(others[k], p) - b, dtype)
             return delta, delta * random_keep(g.seeds[others[k]], j, p.stop - p.start, densities[k])
 
-        def measure(k: int, j: int) -> tuple[float, float]:
-            delta, sparse = sparsified(k, j, parts[j], g.values(base, parts[j]))
-            kept[(k, j)] = pack(sparse, dtype)
-            return float(np.abs(delta).sum(dtype=np.float64)), float(np.abs(sparse).sum(dtype=np.float64))
+        measured = [k for k in range(len(others)) if dropping[k]] if g.shared["rescale"] else []
+
+        def measure(j: int) -> list[tuple[float, float]]:
+            """Both L1 norms of chunk ``j`` of every measured task vector (the base read once)."""
+            b = g.values(base, parts[j])
+            norms = []
+            for k in measured:
+                delta, sparse = sparsified(k, j, parts[j], b)
+                kept[(k, j)] = pack(sparse, dtype)
+                norms.append((float(np.abs(delta).sum(dtype=np.float64)), float(np.abs(sparse).sum(dtype=np.float64))))
+            return norms
 
         factors: list[np.float32 | None] = [None] * len(others)
-        if g.shared["rescale"]:
-            for k in range(len(others)):
-                if dropping[k]:
-                    factors[k] = _l1_factor(g, parts, partial(measure, k))
+        if measured:
+            for k, factor in zip(measured, _l1_factors(g, parts, len(measured), measure)):
+                factors[k] = factor
         total_weight = accumulate([np.array([w], dtype=F32) for w in weights], dtype)[0]
         if abs(total_weight) < 1e-8:
             total_weight = F32(1)
@@ -195,9 +203,16 @@ def deltas_method(sparsification: Sparsification | None, consensus: Consensus | 
                 agree = sign_agreement(weighted)
                 mixed = accumulate([d * a for d, a in zip(weighted, agree)], dtype)
                 if g.shared["normalize"]:
-                    # with unit weights the divisor counts agreeing models: small integers, exact
-                    divisor = accumulate([a if unit[k] else a * weights[k] for k, a in enumerate(agree)], "F32" if all(unit) else dtype)
-                    mixed = round_to(mixed / np.where(divisor == 0, F32(1), divisor), dtype)
+                    if all(unit):
+                        # the divisor counts the agreeing models: small integers, exact; 0 -> 1
+                        count = np.add(agree[0], agree[1], dtype=F32) if len(agree) > 1 else agree[0].astype(F32)
+                        for a in agree[2:]:
+                            count += a
+                        divisor = np.maximum(count, F32(1))
+                    else:
+                        divisor = accumulate([a * weights[k] for k, a in enumerate(agree)], dtype)
+                        divisor = np.where(divisor == 0, F32(1), divisor)
+                    mixed = round_to(mixed / divisor, dtype)
             if scale != 1:
                 mixed = round_to(mixed * F32(scale), dtype)
             return b + mixed
