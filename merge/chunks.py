@@ -4,10 +4,12 @@ the device or on how many threads ran."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import TypeVar
 
-__all__ = ["CHUNK", "PMap", "chunks", "serial_map"]
+__all__ = ["CHUNK", "PMap", "chunks", "serial_map", "thread_map"]
 
 T = TypeVar("T")
 #: Maps a function over chunk indices — in several threads or in one — returning the results in
@@ -30,3 +32,14 @@ def chunks(n: int, size: int | None = None) -> list[slice]:
 def serial_map(fn: Callable[[int], T], indices: range) -> list[T]:
     """The one-thread :data:`PMap`."""
     return [fn(i) for i in indices]
+
+
+@contextmanager
+def thread_map(threads: int) -> Iterator[PMap]:
+    """A :data:`PMap` running chunks in ``threads`` threads (torch and numpy release the GIL in
+    their loops); :func:`serial_map` for one thread or a single chunk."""
+    if threads == 1:
+        yield serial_map
+        return
+    with ThreadPoolExecutor(threads, "merge-math") as pool:
+        yield lambda fn, indices: list(pool.map(fn, indices)) if len(indices) > 1 else [fn(i) for i in indices]

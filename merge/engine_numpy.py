@@ -11,14 +11,12 @@ input's); each finished chunk is rounded into the output array, which is written
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import partial
 
 import numpy as np
 
-from merge.chunks import PMap, serial_map
+from merge.chunks import PMap
 from merge.npmath import FLOATS, narrow, promote, round_to, widen
 from merge.npmethods import ArrayGroup
 from merge.plan import Job, Plan
@@ -26,7 +24,7 @@ from weightsmith.checkpoint import CheckpointWriter
 from weightsmith.errors import WeightsmithError
 from weightsmith.stformat import DTYPES
 
-__all__ = ["NumpyEngine", "eligible", "chunk_workers"]
+__all__ = ["NumpyEngine", "eligible"]
 
 _OUTPUT_VIEWS = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}
 
@@ -51,16 +49,6 @@ def eligible(plan: Plan, device: str) -> str | None:
             if dtype not in FLOATS:
                 return f"tensor {source.name} is {dtype}"
     return None
-
-
-@contextmanager
-def chunk_workers(threads: int) -> Iterator[PMap]:
-    """A :data:`PMap` running chunks in ``threads`` threads (numpy releases the GIL in its loops)."""
-    if threads == 1:
-        yield serial_map
-        return
-    with ThreadPoolExecutor(threads, "merge-math") as pool:
-        yield lambda fn, indices: list(pool.map(fn, indices)) if len(indices) > 1 else [fn(i) for i in indices]
 
 
 class NumpyEngine:

@@ -5,14 +5,13 @@ compute dtype, merged by the method's torch math and handed to the writer."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import partial
 
 import torch
 from torch import Tensor
 
-from merge.chunks import PMap, serial_map
+from merge.chunks import PMap, thread_map
 from merge.methods import Group
 from merge.plan import Job, Plan
 from weightsmith.checkpoint import CheckpointWriter
@@ -32,17 +31,14 @@ def check_device(device: str) -> None:
 
 @contextmanager
 def chunk_workers(threads: int) -> Iterator[PMap]:
-    """A :data:`PMap` running chunks in ``threads`` threads (torch ops release the GIL), with torch's
-    own intra-op threads at one during the pass (restored afterwards): chunks are cache-sized, where
-    OpenMP teams mostly wait on each other, while whole chunks in parallel keep every core busy."""
+    """:func:`merge.chunks.thread_map` with torch's own intra-op threads at one during the pass
+    (restored afterwards): chunks are cache-sized, where OpenMP teams mostly wait on each other,
+    while whole chunks in parallel keep every core busy."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        if threads == 1:
-            yield serial_map
-        else:
-            with ThreadPoolExecutor(threads, "merge-math") as pool:
-                yield lambda fn, indices: list(pool.map(fn, indices)) if len(indices) > 1 else [fn(i) for i in indices]
+        with thread_map(threads) as pmap:
+            yield pmap
     finally:
         torch.set_num_threads(before)
 

@@ -27,12 +27,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
+from merge.chunks import thread_map
 from merge.config import MergeConfig, load_config
 from merge.plan import Job, Plan, build_plan, open_inputs
 from weightsmith.checkpoint import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter
 from weightsmith.errors import WeightsmithError
 from weightsmith.provenance import Record
-from weightsmith.stformat import DTYPES
+from weightsmith.stformat import DTYPES, is_float
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +118,7 @@ class _Pipeline:
         if not model.stored_as_is(source.name):
             return False
         dtype = model.st_dtype(source.name)
-        floating = dtype.startswith(("F", "BF"))
-        target = (self.output_st or self.compute_st or dtype) if floating else dtype
+        target = (self.output_st or self.compute_st or dtype) if is_float(dtype) else dtype
         return target == dtype
 
     def copy_action(self, job: Job, writer: CheckpointWriter) -> tuple[Callable[[], None], str, int]:
@@ -232,7 +232,7 @@ def merge_checkpoints(
         if chosen == "numpy":
             from merge import engine_numpy
 
-            pmap = stack.enter_context(engine_numpy.chunk_workers(threads))
+            pmap = stack.enter_context(thread_map(threads))
             math_engine: Engine = engine_numpy.NumpyEngine(plan, seeds, pmap)
         else:
             from merge import engine_torch

@@ -70,10 +70,6 @@ class TensorInfo:
         return torch_dtype(self.st_dtype)
 
     @property
-    def is_floating_point(self) -> bool:
-        return self.st_dtype.startswith(("F", "BF"))
-
-    @property
     def nbytes(self) -> int:
         return self.end - self.start
 

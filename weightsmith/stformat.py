@@ -53,13 +53,20 @@ def torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, DTYPES[name][0])
 
 
+_BY_TORCH_NAME = {torch_name: name for name, (torch_name, _) in DTYPES.items()}
+
+
 def st_dtype(dtype: torch.dtype) -> str:
     """The safetensors name of a torch dtype; KeyError when safetensors cannot store it."""
-    attr = str(dtype).removeprefix("torch.")
-    for name, (torch_name, _) in DTYPES.items():
-        if torch_name == attr:
-            return name
-    raise KeyError(dtype)
+    try:
+        return _BY_TORCH_NAME[str(dtype).removeprefix("torch.")]
+    except KeyError:
+        raise KeyError(dtype) from None
+
+
+def is_float(name: str) -> bool:
+    """Whether the safetensors dtype ``name`` is a floating-point one (F64 ... BF16, F8_*)."""
+    return name.startswith(("F", "BF"))
 
 
 def numpy_view(name: str) -> np.dtype:
