@@ -44,10 +44,12 @@ def merge_cmd(
     from rich.table import Table
 
     from merge.run import merge_checkpoints
+    from weightsmith.allocator import keep_freed_memory
     from weightsmith.checkpoint import Checkpoint
     from weightsmith.cli import human_bytes, out, parse_size, progress_bar
 
     shard_bytes = parse_size(max_shard_size)
+    keep_freed_memory()  # this process's chunk temporaries: reuse heap pages instead of re-faulting them
     start = time.perf_counter()
     with progress_bar() as bar:
         task = bar.add_task("merging tensors", total=None)

@@ -43,6 +43,7 @@ F32 = np.float32
 #: Entries per draw-density step of DARE's random mask: the keep threshold on 16-bit draws.
 DRAW_LEVELS = 1 << 16
 _ONE, _SIXTEEN, _HALF_MINUS_ONE, _HIGH_HALF, _QUIET_NAN = (np.uint32(v) for v in (1, 16, 0x7FFF, 0xFFFF0000, 0x7FC00000))
+_SIGN_BIT, _FLOAT_ONE = np.uint32(0x80000000), np.uint32(0x3F800000)
 
 
 def promote(dtypes: Sequence[str]) -> str:
@@ -83,9 +84,7 @@ def _bf16_rounded(x: np.ndarray) -> np.ndarray:
     r += _HALF_MINUS_ONE
     r += u
     r &= _HIGH_HALF
-    with np.errstate(over="ignore", invalid="ignore"):
-        suspect = np.isnan(x.sum())  # one read finds any NaN (and, rarely, inf - inf: checked below)
-    if suspect:
+    if x.size and np.isnan(x.max()):  # max propagates NaN: one fast read finds any
         r[np.isnan(x)] = _QUIET_NAN
     return r
 
@@ -176,7 +175,9 @@ def sign_agreement(deltas: Sequence[np.ndarray]) -> list[np.ndarray]:
     total = deltas[0] + deltas[1] if len(deltas) > 1 else deltas[0]
     for d in deltas[2:]:
         total = total + d
-    elected = np.copysign(F32(1), total)
+    elected = total.view(np.uint32) & _SIGN_BIT  # copysign(1, total) in two integer passes
+    elected |= _FLOAT_ONE
+    elected = elected.view(F32)
     return [d * elected > 0 for d in deltas]
 
 

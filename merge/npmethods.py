@@ -27,13 +27,11 @@ from merge.npmath import (
     cosine,
     lerp_chunk,
     linear_chunk,
-    pack,
     random_keep,
     round_scalar,
     round_to,
     sign_agreement,
     slerp_coefficients,
-    widen,
 )
 
 __all__ = ["ArrayGroup", "NumpyMethod", "deltas_method", "linear", "slerp", "soup"]
@@ -154,7 +152,8 @@ def deltas_method(sparsification: Sparsification | None, consensus: Consensus | 
         dropping = [sparsification is Sparsification.random and d < 1 for d in densities]
         if any(dropping) and not g.seeds:
             raise ValueError("random sparsification needs a seed")
-        #: the sparsified deltas of the L1 pass (packed in the dtype), taken and freed by the merge
+        #: the sparsified deltas of the L1 pass (float32: re-widening 16-bit copies cost more than the
+        #: extra memory saves), taken and freed by the merge
         kept: dict[tuple[int, int], np.ndarray] = {}
 
         def sparsified(k: int, j: int, p: slice, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -170,7 +169,7 @@ def deltas_method(sparsification: Sparsification | None, consensus: Consensus | 
             norms = []
             for k in measured:
                 delta, sparse = sparsified(k, j, parts[j], b)
-                kept[(k, j)] = pack(sparse, dtype)
+                kept[(k, j)] = sparse
                 norms.append((float(np.abs(delta).sum(dtype=np.float64)), float(np.abs(sparse).sum(dtype=np.float64))))
             return norms
 
@@ -188,8 +187,8 @@ def deltas_method(sparsification: Sparsification | None, consensus: Consensus | 
             weighted = []
             for k, i in enumerate(others):
                 if dropping[k]:
-                    packed = kept.pop((k, j), None)
-                    delta = sparsified(k, j, p, b)[1] if packed is None else widen(packed, dtype)
+                    cached = kept.pop((k, j), None)
+                    delta = sparsified(k, j, p, b)[1] if cached is None else cached
                     if factors[k] is not None:
                         delta = round_to(delta * factors[k], dtype)
                 else:
@@ -204,11 +203,11 @@ def deltas_method(sparsification: Sparsification | None, consensus: Consensus | 
                 mixed = accumulate([d * a for d, a in zip(weighted, agree)], dtype)
                 if g.shared["normalize"]:
                     if all(unit):
-                        # the divisor counts the agreeing models: small integers, exact; 0 -> 1
-                        count = np.add(agree[0], agree[1], dtype=F32) if len(agree) > 1 else agree[0].astype(F32)
+                        # the divisor counts the agreeing models: small integers (uint16, cheaper than float32 and exact in the division); 0 -> 1
+                        count = np.add(agree[0], agree[1], dtype=np.uint16) if len(agree) > 1 else agree[0].astype(np.uint16)
                         for a in agree[2:]:
                             count += a
-                        divisor = np.maximum(count, F32(1))
+                        divisor = np.maximum(count, np.uint16(1))
                     else:
                         divisor = accumulate([a * weights[k] for k, a in enumerate(agree)], dtype)
                         divisor = np.where(divisor == 0, F32(1), divisor)

@@ -265,7 +265,8 @@ class Checkpoint:
         dtype = numpy_view(info.st_dtype)
         if info.nbytes == 0:
             return np.empty(0, dtype)
-        return np.memmap(info.file, dtype=dtype, mode="r", offset=info.start, shape=(info.numel,))
+        # a plain ndarray over the mapping: slicing np.memmap runs Python code on every slice
+        return np.memmap(info.file, dtype=dtype, mode="r", offset=info.start, shape=(info.numel,)).view(np.ndarray)
 
     def iter_shards(self) -> Iterator[tuple[Path, list[str]]]:
         """(file, tensor names in it) in storage order."""
