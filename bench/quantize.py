@@ -44,14 +44,17 @@ def rows() -> list[Row]:
     """Every row the bench knows, in run order: the peer beside ours for each setting (RTN and GPTQ at
     three grids and two calibrations; AWQ at W4 g64 against GPTQModel), then our candidates for the
     best result at 4.5 bits per weight or less. weightsmith's GPTQ runs with --act-order because
-    llm-compressor's GPTQModifier applies static activation ordering by default."""
+    llm-compressor's GPTQModifier applies static activation ordering by default, and per channel
+    with --clip (its Hessian-weighted range search)."""
     out: list[Row] = []
     for bits, gs, tag in ((4, 64, "W4 g64"), (3, 64, "W3 g64"), (4, -1, "W4 per-channel")):
         out.append(Row(f"{tag} rtn / llmc", "llmcompressor", "rtn", bits, gs, "none"))
         out.append(Row(f"{tag} rtn / ws", "weightsmith", "rtn", bits, gs, "none"))
         for calib in ("wikitext", "shakespeare"):
             out.append(Row(f"{tag} gptq {calib} / llmc", "llmcompressor", "gptq", bits, gs, calib))
-            out.append(Row(f"{tag} gptq {calib} / ws", "weightsmith", "gptq", bits, gs, calib, ("--act-order",)))
+            # one scale per row is where the range matters most: there our GPTQ searches it (--clip)
+            extra = ("--act-order", "--clip") if gs == -1 else ("--act-order",)
+            out.append(Row(f"{tag} gptq {calib} / ws", "weightsmith", "gptq", bits, gs, calib, extra))
     out.append(Row("W4 g64 awq wikitext / ws", "weightsmith", "awq", 4, 64, "wikitext"))
     out.append(Row("W4 g64 awq wikitext / gptqmodel", "gptqmodel", "awq", 4, 64, "wikitext"))
     out.append(Row("W4 g64 asym gptq clip wikitext / ws", "weightsmith", "gptq", 4, 64, "wikitext", ("--asym", "--clip", "--act-order")))
@@ -153,7 +156,7 @@ def run_row(row: Row, model: Path, work: Path, calib_ids: dict[str, Path], calib
         if row.calib != "none":
             cmd += ["--calib", str(calib_text[row.calib])]
         run = measure(cmd, env=OFFLINE)
-        return dest, {"wall_s": run.wall_s, "peak_rss_mb": run.peak_rss_mb}
+        return dest, {"wall_s": run.wall_s, "peak_rss_mb": run.peak_rss_mb, "options": " ".join(row.extra)}
     script = LLMC_SCRIPT if row.tool == "llmcompressor" else GPTQMODEL_SCRIPT
     script_path = work / f"peer_{row.tool}.py"  # not the package name, which it would shadow
     script_path.write_text(script)

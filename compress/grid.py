@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,7 @@ __all__ = [
     "SUPPORTED_BITS",
     "QuantGrid",
     "QuantizedTensor",
+    "clip_candidates",
     "compute_scale_zero",
     "dequantize",
     "fake_quantize",
@@ -368,6 +370,32 @@ def _grouped_fake_quant(wg: Tensor, scales: Tensor, zeros: Tensor, grid: QuantGr
     z = zeros.to(torch.float32).unsqueeze(-1)
     q = torch.round(wg / s).add_(z).clamp_(0, grid.maxq)
     return q.sub_(z).mul_(s).to(scales.dtype).to(torch.float32)
+
+
+def clip_candidates(w: Tensor, grid: QuantGrid, *, grid_points: int = 20, max_shrink: float = 0.5) -> Iterator[tuple[float, Tensor]]:
+    """``(ratio, w_hat)`` for ``grid_points`` clip ratios evenly spaced from 1 down to
+    ``1 - max_shrink`` (both included): ``w_hat`` is ``w`` quantized and dequantized with every
+    group's min and max shrunk by the ratio, in the working precision (float32, or float64 for a
+    float64 ``w``). The group ranges are measured once, for a search loop's many candidates."""
+    _check_weight(w)
+    if grid_points < 1:
+        raise ValueError(f"grid_points must be at least 1, got {grid_points}")
+    if not 0.0 <= max_shrink < 1.0:
+        raise ValueError(f"max_shrink must lie in [0, 1), got {max_shrink}")
+    out, inp = w.shape
+    work = _work_dtype(w.dtype)
+    n_groups = grid.n_groups(inp)
+    gidx = grid.group_index(inp, device=w.device)
+    w_min, w_max = group_min_max(w, gidx, n_groups)
+    grouped = _grouped(w, grid)
+    for r in torch.linspace(1.0, 1.0 - max_shrink, grid_points, dtype=torch.float32).tolist():
+        ratio = torch.tensor(r, dtype=torch.float32).to(work)
+        scales, zeros = compute_scale_zero(w_min * ratio, w_max * ratio, grid, w.dtype)
+        if grouped is not None:
+            yield r, _grouped_fake_quant(grouped, scales, zeros, grid).reshape(out, inp)
+        else:
+            s_cols, z_cols = scales[:, gidx], zeros[:, gidx]
+            yield r, _dequant(quantize_codes(w, s_cols, z_cols, grid), s_cols, z_cols).to(work)
 
 
 def mse_clip_search(

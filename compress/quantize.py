@@ -19,7 +19,7 @@ from torch import nn
 
 from compress.awq import awq_clip_ratios, fold_scales_into_linear, fold_scales_into_norm, scale_input_channels, search_awq_scales
 from compress.config import GPTQ_QUANTIZER, SCALED, LinearSettings, QuantizeConfig
-from compress.gptq import accumulate_hessian, gptq_quantize
+from compress.gptq import accumulate_hessian, gptq_quantize, hessian_clip_search
 from compress.grid import QuantGrid, QuantizedTensor, mse_clip_search, quantize
 from compress.pack import quantization_config, ragged_group_reason, to_compressed_tensors
 from weightsmith.arch import ARCHITECTURES, Arch, ScaleGroup
@@ -245,7 +245,7 @@ def _gptq_together(
     dequantized, so that the runner propagates the error."""
     modules = [get_module(step.module, lin) for lin in names]
     w = torch.cat([m.weight.data.to(dtype) for m in modules])
-    clip = mse_clip_search(w, grid) if config.clip else None
+    clip = hessian_clip_search(w, hessian, grid) if config.clip else None
     q, loss = gptq_quantize(w, hessian, grid, damp=config.damp, block_size=config.block_size, act_order=config.act_order, clip=clip)
     report.gptq_loss += loss
     out: dict[str, QuantizedTensor] = {}

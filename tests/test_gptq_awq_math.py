@@ -18,7 +18,7 @@ from compress.awq import (
     search_awq_scales,
 )
 from compress.grid import QuantGrid, fake_quantize, mse_clip_search, quantize
-from compress.gptq import accumulate_hessian, gptq_quantize
+from compress.gptq import accumulate_hessian, gptq_quantize, hessian_clip_search
 
 OUTLIERS = [3, 17, 64, 100]
 
@@ -208,6 +208,41 @@ def test_gptq_clip_shrinks_the_range() -> None:
     clip = mse_clip_search(w, grid)
     searched, _ = gptq_quantize(w, H, grid, clip=clip)
     assert torch.equal(searched.codes, quantize(w, grid, clip).codes)
+
+
+@pytest.mark.parametrize("grid", [QuantGrid(4, True, -1), QuantGrid(3, False, 32), QuantGrid(4, True, 48)])
+def test_hessian_clip_search_with_a_diagonal_hessian_is_the_weighted_mse_search(grid: QuantGrid) -> None:
+    # a diagonal H makes e H e^T the importance-weighted squared error, block by block
+    w = _weight(32, 128, seed=3)
+    importance = torch.rand(128, generator=torch.Generator().manual_seed(5)) + 0.1
+    assert torch.equal(hessian_clip_search(w, torch.diag(importance), grid), mse_clip_search(w, grid, importance=importance))
+    assert torch.equal(hessian_clip_search(w, torch.eye(128), grid), mse_clip_search(w, grid))
+
+
+def _hessian_error(w: torch.Tensor, H: torch.Tensor, grid: QuantGrid, clip: torch.Tensor | None) -> torch.Tensor:
+    """Per-row output error e H e^T of round-to-nearest at ``clip`` (per-channel grids)."""
+    e = w - fake_quantize(w, grid, clip)
+    return ((e @ H) * e).sum(1)
+
+
+def test_hessian_clip_search_never_raises_the_output_error_and_beats_the_weight_error_search() -> None:
+    w = _weight(64, 128, seed=7)
+    x = _inputs(1024, 12)
+    H, _ = accumulate_hessian(None, x, 0)
+    grid = QuantGrid(4, True, -1)
+    searched = hessian_clip_search(w, H, grid)
+    assert searched.shape == (64, 1) and bool(((searched > 0.49) & (searched <= 1)).all())
+    assert bool((searched < 1).any())
+    plain = _hessian_error(w, H, grid, None)
+    best = _hessian_error(w, H, grid, searched)
+    assert bool((best <= plain).all()) and float(best.sum()) < 0.9 * float(plain.sum())
+    by_weight_error = _hessian_error(w, H, grid, mse_clip_search(w, grid))
+    assert float(best.sum()) < float(by_weight_error.sum())
+
+
+def test_hessian_clip_search_rejects_a_mismatched_hessian() -> None:
+    with pytest.raises(ValueError, match="expected"):
+        hessian_clip_search(_weight(8, 64), torch.eye(32), QuantGrid(4, True, -1))
 
 
 # --- AWQ --------------------------------------------------------------------------------

@@ -378,7 +378,7 @@ def quantize_cmd(
     group_size: Annotated[int, typer.Option("--group-size", help="Columns per scale; -1 = one scale per output channel. A size that does not divide the width gives a shorter last group.")] = 128,
     sym: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric grid, or asymmetric with integer zero points.")] = True,
     act_order: Annotated[bool, typer.Option("--act-order", help="GPTQ: process columns by decreasing Hessian diagonal (static groups).")] = False,
-    clip: Annotated[bool, typer.Option("--clip", help="MSE-optimal clipping search per group (always on for AWQ).")] = False,
+    clip: Annotated[bool, typer.Option("--clip", help="Clipping search per group: GPTQ picks each group's range by the layer-output error on the calibration Hessian, RTN by the squared weight error (always on for AWQ, by the activation-weighted error).")] = False,
     damp: Annotated[float, typer.Option("--damp", help="GPTQ dampening, a fraction of the mean Hessian diagonal.")] = 0.01,
     calib: Annotated[Path | None, typer.Option("--calib", help="Calibration text file or folder (default: WikiText-2 calibration split from the assets).")] = None,
     samples: Annotated[int, typer.Option("--samples", help="Calibration blocks.")] = 128,
