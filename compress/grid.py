@@ -376,7 +376,8 @@ def clip_candidates(w: Tensor, grid: QuantGrid, *, grid_points: int = 20, max_sh
     """``(ratio, w_hat)`` for ``grid_points`` clip ratios evenly spaced from 1 down to
     ``1 - max_shrink`` (both included): ``w_hat`` is ``w`` quantized and dequantized with every
     group's min and max shrunk by the ratio, in the working precision (float32, or float64 for a
-    float64 ``w``). The group ranges are measured once, for a search loop's many candidates."""
+    float64 ``w``). The arguments are checked and the group ranges measured at the call, once for a
+    search loop's many candidates."""
     _check_weight(w)
     if grid_points < 1:
         raise ValueError(f"grid_points must be at least 1, got {grid_points}")
@@ -388,14 +389,18 @@ def clip_candidates(w: Tensor, grid: QuantGrid, *, grid_points: int = 20, max_sh
     gidx = grid.group_index(inp, device=w.device)
     w_min, w_max = group_min_max(w, gidx, n_groups)
     grouped = _grouped(w, grid)
-    for r in torch.linspace(1.0, 1.0 - max_shrink, grid_points, dtype=torch.float32).tolist():
-        ratio = torch.tensor(r, dtype=torch.float32).to(work)
-        scales, zeros = compute_scale_zero(w_min * ratio, w_max * ratio, grid, w.dtype)
-        if grouped is not None:
-            yield r, _grouped_fake_quant(grouped, scales, zeros, grid).reshape(out, inp)
-        else:
-            s_cols, z_cols = scales[:, gidx], zeros[:, gidx]
-            yield r, _dequant(quantize_codes(w, s_cols, z_cols, grid), s_cols, z_cols).to(work)
+
+    def candidates() -> Iterator[tuple[float, Tensor]]:
+        for r in torch.linspace(1.0, 1.0 - max_shrink, grid_points, dtype=torch.float32).tolist():
+            ratio = torch.tensor(r, dtype=torch.float32).to(work)
+            scales, zeros = compute_scale_zero(w_min * ratio, w_max * ratio, grid, w.dtype)
+            if grouped is not None:
+                yield r, _grouped_fake_quant(grouped, scales, zeros, grid).reshape(out, inp)
+            else:
+                s_cols, z_cols = scales[:, gidx], zeros[:, gidx]
+                yield r, _dequant(quantize_codes(w, s_cols, z_cols, grid), s_cols, z_cols).to(work)
+
+    return candidates()
 
 
 def mse_clip_search(
@@ -419,43 +424,28 @@ def mse_clip_search(
 
     Returns a float32 tensor ``[out, n_groups]`` for :func:`quantize`'s ``clip``.
     """
-    _check_weight(w)
-    if grid_points < 1:
-        raise ValueError(f"grid_points must be at least 1, got {grid_points}")
-    if not 0.0 <= max_shrink < 1.0:
-        raise ValueError(f"max_shrink must lie in [0, 1), got {max_shrink}")
+    candidates = clip_candidates(w, grid, grid_points=grid_points, max_shrink=max_shrink)
     out, inp = w.shape
-    work = _work_dtype(w.dtype)
-    wf = w.to(work)
-    n_groups = grid.n_groups(inp)
-    gidx = grid.group_index(inp, device=w.device)
     if importance is not None:
         if importance.shape != (inp,):
             raise ValueError(f"importance has shape {tuple(importance.shape)}, expected ({inp},)")
         if bool((importance < 0).any()) or not bool(torch.isfinite(importance).all()):
             raise ValueError("importance must be finite and non-negative")
-        weight = importance.to(device=w.device, dtype=work)
-    else:
-        weight = None
-    w_min, w_max = group_min_max(w, gidx, n_groups)
+    work = _work_dtype(w.dtype)
+    weight = None if importance is None else importance.to(device=w.device, dtype=work)
+    wf = w.to(work)
+    n_groups = grid.n_groups(inp)
+    gidx = grid.group_index(inp, device=w.device)
+    grouped = _grouped(w, grid) is not None
     best_err = torch.full((out, n_groups), math.inf, dtype=work, device=w.device)
     best_ratio = torch.ones((out, n_groups), dtype=torch.float32, device=w.device)
-    ratios = torch.linspace(1.0, 1.0 - max_shrink, grid_points, dtype=torch.float32)
-    grouped = _grouped(w, grid)
-    for r in ratios.tolist():
-        ratio = torch.tensor(r, dtype=torch.float32).to(work)
-        scales, zeros = compute_scale_zero(w_min * ratio, w_max * ratio, grid, w.dtype)
-        if grouped is not None:
-            err = (grouped - _grouped_fake_quant(grouped, scales, zeros, grid)).pow_(2)
-            if weight is not None:
-                err.mul_(weight.view(1, n_groups, -1))
-            err_g = err.sum(-1)
+    for r, w_hat in candidates:
+        err = (wf - w_hat).pow_(2)
+        if weight is not None:
+            err.mul_(weight)
+        if grouped:
+            err_g = err.view(out, n_groups, -1).sum(-1)
         else:
-            s_cols, z_cols = scales[:, gidx], zeros[:, gidx]
-            w_hat = _dequant(quantize_codes(w, s_cols, z_cols, grid), s_cols, z_cols).to(work)
-            err = (wf - w_hat).pow_(2)
-            if weight is not None:
-                err.mul_(weight)
             err_g = torch.zeros((out, n_groups), dtype=work, device=w.device).index_add_(1, gidx, err)
         better = err_g < best_err
         best_err = torch.where(better, err_g, best_err)
