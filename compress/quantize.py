@@ -406,9 +406,9 @@ def calibration_dtype(config: QuantizeConfig) -> torch.dtype:
     keeps the propagated activations free of rounding. Hessians and GPTQ's updates are always
     accumulated in float32."""
     if config.calib_dtype != "auto":
-        from weightsmith.models import parse_dtype
+        from weightsmith.stformat import parse_torch_dtype
 
-        return parse_dtype(config.calib_dtype)
+        return parse_torch_dtype(config.calib_dtype)
     return torch.float32
 
 

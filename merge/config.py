@@ -19,23 +19,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 from merge.methods import METHODS
 from merge.params import Setting
 from weightsmith.errors import WeightsmithError
-from weightsmith.stformat import torch_dtype
+from weightsmith.stformat import parse_dtype, torch_dtype
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DTYPES", "InputModel", "MergeConfig", "OutputSlice", "SliceSource", "load_config", "parse_dtype", "parse_st_dtype"]
-
-#: mergekit's dtype names, with the short forms weightsmith's CLI uses -> safetensors dtype names.
-DTYPES = {
-    "float32": "F32",
-    "fp32": "F32",
-    "float16": "F16",
-    "fp16": "F16",
-    "bfloat16": "BF16",
-    "bf16": "BF16",
-    "float64": "F64",
-}
+__all__ = ["InputModel", "MergeConfig", "OutputSlice", "SliceSource", "load_config"]
 
 #: mergekit config keys that weightsmith does not implement, with what to do instead.
 UNSUPPORTED = {
@@ -47,22 +36,6 @@ UNSUPPORTED = {
 }
 
 Parameters = dict[str, Setting]
-
-
-def parse_st_dtype(name: str | None) -> str | None:
-    """A config dtype as its safetensors name (``bfloat16`` -> ``BF16``); ValueError when unknown."""
-    if name is None:
-        return None
-    try:
-        return DTYPES[name.removeprefix("torch.")]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r} (choose from {', '.join(DTYPES)})") from None
-
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    """A config dtype as a torch dtype (imports torch)."""
-    st = parse_st_dtype(name)
-    return None if st is None else torch_dtype(st)
 
 
 class _Strict(BaseModel):
@@ -140,7 +113,11 @@ class MergeConfig(_Strict):
     @field_validator("dtype", "out_dtype")
     @classmethod
     def _known_dtype(cls, value: str | None) -> str | None:
-        parse_st_dtype(value)
+        if value is not None:
+            try:
+                parse_dtype(value)
+            except WeightsmithError as exc:
+                raise ValueError(exc.problem) from None
         return value
 
     @field_validator("tokenizer_source")
@@ -172,19 +149,22 @@ class MergeConfig(_Strict):
     @property
     def compute_st_dtype(self) -> str | None:
         """``dtype`` as a safetensors dtype name, or None."""
-        return parse_st_dtype(self.dtype)
+        return None if self.dtype is None else parse_dtype(self.dtype)
 
     @property
     def output_st_dtype(self) -> str | None:
-        return parse_st_dtype(self.out_dtype)
+        """``out_dtype`` as a safetensors dtype name, or None."""
+        return None if self.out_dtype is None else parse_dtype(self.out_dtype)
 
     @property
     def compute_dtype(self) -> torch.dtype | None:
-        return parse_dtype(self.dtype)
+        st = self.compute_st_dtype
+        return None if st is None else torch_dtype(st)
 
     @property
     def output_dtype(self) -> torch.dtype | None:
-        return parse_dtype(self.out_dtype)
+        st = self.output_st_dtype
+        return None if st is None else torch_dtype(st)
 
 
 def _where(loc: tuple) -> str:

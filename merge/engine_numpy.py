@@ -22,12 +22,9 @@ from merge.npmethods import ArrayGroup
 from merge.plan import Job, Plan
 from weightsmith.checkpoint import CheckpointWriter
 from weightsmith.errors import WeightsmithError
-from weightsmith.stformat import DTYPES
+from weightsmith.stformat import DTYPES, numpy_view
 
 __all__ = ["NumpyEngine", "eligible"]
-
-_OUTPUT_VIEWS = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}
-
 
 def eligible(plan: Plan, device: str) -> str | None:
     """None when the numpy engine can run ``plan`` on ``device``; else why not (for the log)."""
@@ -74,7 +71,7 @@ class NumpyEngine:
             raise WeightsmithError(None, f"tensor {job.name}: inputs differ in size")
         compute = self.plan.config.compute_st_dtype or promote([dtype for _, dtype in arrays])
         output = self.plan.config.output_st_dtype or compute
-        out = np.empty(numel, dtype=_OUTPUT_VIEWS[output])
+        out = np.empty(numel, dtype=numpy_view(output))
 
         def values(i: int, part: slice) -> np.ndarray:
             raw, dtype = arrays[i]

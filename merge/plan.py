@@ -27,8 +27,8 @@ from merge.methods import BasePolicy, Method, method_named
 from merge.params import ParamSpec, Scope, resolve
 from merge.passthrough import stack_layers, stacked_config
 from merge.sources import MergeInput, open_input
+from weightsmith.checkpoint import config_with_dtype
 from weightsmith.errors import WeightsmithError
-from weightsmith.stformat import DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -376,12 +376,8 @@ class _Planner:
             key = self.inputs[donor].layout.count_key or "num_hidden_layers"
             stacked = stack_layers([(piece.sources[0][1], piece.sources[0][2]) for piece in slices])
             config = stacked_config(config, key, [(self.inputs[slices[k].sources[0][0]].config, layer) for k, layer in stacked])
-        dtype = self.config.out_dtype or self.config.dtype
-        if dtype is not None:
-            name = DTYPES[self.config.output_st_dtype or self.config.compute_st_dtype][0]
-            for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["dtype"]:
-                config[key] = name
-        return config
+        dtype = self.config.output_st_dtype or self.config.compute_st_dtype
+        return config if dtype is None else config_with_dtype(config, dtype)
 
 
 def build_plan(config: MergeConfig, inputs: list[MergeInput], index: dict[str, int], where: Path | None = None) -> Plan:

@@ -160,3 +160,65 @@ def test_pickle_checkpoint_loads_only_with_flag(tmp_path, cli):
     ckpt = Checkpoint(tmp_path / "st")
     assert torch.equal(ckpt.get("w"), state["w"]) and torch.equal(ckpt.get("b"), state["b"])
     assert os.path.exists(tmp_path / "st" / RECORD_NAME)
+
+
+def test_one_dtype_table_parses_what_users_write():
+    from weightsmith.errors import WeightsmithError
+    from weightsmith.stformat import numpy_view, parse_dtype, parse_torch_dtype, st_dtype
+
+    written = {
+        "bf16": "BF16", "BFloat16": "BF16", "torch.bfloat16": "BF16",
+        "fp16": "F16", "float16": "F16", "FP32": "F32", "float32": "F32", " fp64 ": "F64", "float64": "F64",
+    }
+    assert {name: parse_dtype(name) for name in written} == written
+    assert parse_torch_dtype("bf16") is torch.bfloat16 and parse_torch_dtype("fp32") is torch.float32
+    for bad in ("fp8", "int8", "F32x", "", "bf 16"):
+        with pytest.raises(WeightsmithError) as info:
+            parse_dtype(bad)
+        assert str(info.value) == f"unknown dtype {bad!r}; choose from fp64, float64, fp32, float32, fp16, float16, bf16, bfloat16"
+    # every entry: the torch dtype of the same name and size, and back
+    for name, entry in DTYPES.items():
+        dtype = torch_dtype(name)
+        assert str(dtype) == f"torch.{entry.torch}" and st_dtype(dtype) == name
+        assert torch.empty(0, dtype=dtype).element_size() == entry.itemsize
+    assert {name: str(numpy_view(name)) for name, e in DTYPES.items() if e.numpy} == {
+        "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "uint16"
+    }
+    with pytest.raises(KeyError):
+        numpy_view("I32")
+    with pytest.raises(KeyError):
+        st_dtype(torch.complex64)
+
+
+def test_config_dtype_goes_under_the_key_the_config_uses():
+    from weightsmith.checkpoint import config_with_dtype
+
+    old = {"architectures": ["X"], "torch_dtype": "float32", "vocab_size": 8}
+    new = config_with_dtype(old, "BF16")
+    assert list(new.items()) == [("architectures", ["X"]), ("torch_dtype", "bfloat16"), ("vocab_size", 8)]
+    assert old["torch_dtype"] == "float32"  # a copy: the source config is left as it was
+    assert config_with_dtype({"dtype": "bfloat16", "torch_dtype": "bfloat16", "a": 1}, "F16") == {"dtype": "float16", "torch_dtype": "float16", "a": 1}
+    assert list(config_with_dtype({"a": 1}, "F32").items()) == [("a", 1), ("dtype", "float32")]
+
+
+def test_merge_config_dtypes_use_the_same_parser():
+    from merge.config import load_config
+    from weightsmith.errors import WeightsmithError
+
+    config, _ = load_config({"merge_method": "linear", "models": [{"model": "a"}], "dtype": "torch.float16", "out_dtype": "BF16"})
+    assert (config.compute_st_dtype, config.output_st_dtype) == ("F16", "BF16")
+    assert (config.compute_dtype, config.output_dtype) == (torch.float16, torch.bfloat16)
+    with pytest.raises(WeightsmithError, match=r"^dtype: unknown dtype 'fp8'; choose from fp64, float64, fp32, "):
+        load_config({"merge_method": "linear", "models": [{"model": "a"}], "dtype": "fp8"})
+
+
+def test_header_parsing_and_the_numpy_merge_engine_import_no_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, merge.engine_numpy, merge.config, weightsmith.checkpoint, weightsmith.stformat as s\n"
+        "assert s.parse_dtype('bf16') == 'BF16'\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

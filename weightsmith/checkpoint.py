@@ -24,7 +24,7 @@ import numpy as np
 
 from weightsmith import provenance
 from weightsmith.errors import WeightsmithError
-from weightsmith.stformat import DTYPES, NUMPY_FLOATS, TensorEntry, encode_header, numpy_view, read_header, st_dtype, torch_dtype
+from weightsmith.stformat import DTYPES, TensorEntry, encode_header, numpy_view, read_header, st_dtype, torch_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -260,7 +260,7 @@ class Checkpoint:
         safetensors file, without torch: float16/32/64 as such, bfloat16 as its raw 16 bits
         (uint16). ValueError for other dtypes and for tensors of pickle checkpoints."""
         info = self.info(name)
-        if info.file in self._pickled or info.st_dtype not in NUMPY_FLOATS:
+        if info.file in self._pickled or DTYPES[info.st_dtype].numpy is None:
             raise ValueError(f"{name}: only floating-point safetensors tensors are read as arrays")
         dtype = numpy_view(info.st_dtype)
         if info.nbytes == 0:
@@ -409,7 +409,7 @@ class CheckpointWriter:
         its safetensors dtype name ``dtype``."""
         if name in self._names:
             raise ValueError(f"tensor {name!r} written twice")
-        if dtype not in DTYPES or data.nbytes != math.prod(shape) * DTYPES[dtype][1]:
+        if dtype not in DTYPES or data.nbytes != math.prod(shape) * DTYPES[dtype].itemsize:
             raise ValueError(f"tensor {name!r}: {data.nbytes} bytes do not make a {dtype} tensor of shape {shape}")
         self._shard_for(name, data.nbytes).add_array(name, dtype, tuple(shape), data)
 
@@ -496,14 +496,21 @@ def _write_json(path: Path, doc: dict) -> None:
     path.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
+def config_with_dtype(config: dict, dtype: str) -> dict:
+    """A copy of the config.json document ``config`` declaring weights of the safetensors dtype
+    ``dtype`` (``BF16`` -> ``"bfloat16"``). The declaration goes under the key the document already
+    uses (``torch_dtype`` in files older transformers wrote, ``dtype`` in newer ones; both when it has
+    both), else under ``dtype``; the other keys keep their order. Every writer that changes the
+    weights' dtype declares it through this function."""
+    out = dict(config)
+    for key in [k for k in ("torch_dtype", "dtype") if k in out] or ["dtype"]:
+        out[key] = DTYPES[dtype].torch
+    return out
+
+
 def copy_checkpoint(src: Checkpoint, dest: str | Path, *, dtype: torch.dtype | None = None, **writer_args) -> Path:
     """The identity pass (optionally casting floating tensors to ``dtype``): tensor by tensor."""
-    config = None
-    if dtype is not None:
-        config = dict(src.config)
-        keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["dtype"]
-        for key in keys:
-            config[key] = str(dtype).removeprefix("torch.")
+    config = None if dtype is None else config_with_dtype(src.config, st_dtype(dtype))
     with CheckpointWriter(dest, source=src.folder, config=config, **writer_args) as writer:
         for name in src.names():
             info = src.info(name)

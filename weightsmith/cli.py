@@ -165,9 +165,10 @@ def eval_cmd(
     Several models are evaluated window by window together, so the reference runs once per window.
     """
     from weightsmith.evaluate import Protocol, evaluate_many
-    from weightsmith.models import parse_dtype, resolve
+    from weightsmith.models import resolve
+    from weightsmith.stformat import DTYPES, parse_dtype
 
-    protocol = Protocol(ctx=ctx, max_tokens=max_tokens, dtype=str(parse_dtype(dtype)).removeprefix("torch."), device=device)
+    protocol = Protocol(ctx=ctx, max_tokens=max_tokens, dtype=DTYPES[parse_dtype(dtype)].torch, device=device)
     model_dirs = [resolve(m) for m in models]
     ref_dir = resolve(reference) if reference else None
     start = time.perf_counter()
@@ -210,10 +211,10 @@ def convert_cmd(
 ) -> None:
     """Turn a GGUF file into a safetensors checkpoint folder (config + tokenizer) for every pass."""
     from weightsmith.gguf_import import convert_gguf
-    from weightsmith.models import parse_dtype
+    from weightsmith.stformat import parse_torch_dtype
 
     with err.status(f"converting {gguf}"):
-        convert_gguf(gguf, out_dir, dtype=parse_dtype(dtype), force=force, max_shard_size=parse_size(max_shard_size))
+        convert_gguf(gguf, out_dir, dtype=parse_torch_dtype(dtype), force=force, max_shard_size=parse_size(max_shard_size))
     out.print(str(out_dir))
 
 
@@ -228,8 +229,8 @@ def copy_cmd(
 ) -> None:
     """Copy a checkpoint tensor by tensor: reshard, cast, or turn pickle into safetensors."""
     from weightsmith.checkpoint import copy_checkpoint
-    from weightsmith.models import parse_dtype
     from weightsmith.provenance import Record
+    from weightsmith.stformat import parse_torch_dtype
 
     src = open_checkpoint(model, allow_pickle)
     record = Record("copy", {"dtype": dtype, "max_shard_size": max_shard_size})
@@ -237,7 +238,7 @@ def copy_cmd(
     copy_checkpoint(
         src,
         out_dir,
-        dtype=parse_dtype(dtype) if dtype else None,
+        dtype=parse_torch_dtype(dtype) if dtype else None,
         force=force,
         max_shard_size=parse_size(max_shard_size),
         record=record,

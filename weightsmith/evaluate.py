@@ -150,10 +150,11 @@ def evaluate_many(
 ) -> list[Report]:
     """Evaluate several checkpoint folders on the same tokens (tokenized with the first model's
     tokenizer), running the reference once per window for all of them."""
-    from weightsmith.models import load_model, load_tokenizer, parse_dtype
+    from weightsmith.models import load_model, load_tokenizer
+    from weightsmith.stformat import parse_torch_dtype
 
     ckpts = [Checkpoint(d) for d in model_dirs]
-    dtype = parse_dtype(protocol.dtype)
+    dtype = parse_torch_dtype(protocol.dtype)
     tokenizer = load_tokenizer(model_dirs[0])
     text = read_text(text_path)
     tokens = tokenize(tokenizer, text, protocol.max_tokens)

@@ -18,26 +18,6 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 #: What we fetch of a hub repository: safetensors weights, configuration, tokenizer. Never pickle.
 HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja"]
 
-#: dtype spellings -> torch dtype attribute (names, so resolving a model imports no torch)
-DTYPES = {
-    "fp32": "float32",
-    "float32": "float32",
-    "fp16": "float16",
-    "float16": "float16",
-    "bf16": "bfloat16",
-    "bfloat16": "bfloat16",
-}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    import torch
-
-    try:
-        return getattr(torch, DTYPES[name.lower()])
-    except KeyError:
-        raise WeightsmithError(None, f"unknown dtype {name!r}; choose from fp32, fp16, bf16") from None
-
-
 def resolve(spec: str | Path) -> Path:
     """A local checkpoint folder as is; a hub id (``HuggingFaceTB/SmolLM2-135M``) fetched with
     huggingface_hub (safetensors and config only) into its cache."""

@@ -4,6 +4,9 @@ Layout (https://github.com/huggingface/safetensors): 8 bytes little-endian heade
 JSON ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}``
 (possibly right-padded with spaces), then the data buffer; offsets are relative to the buffer and the
 tensors tile it exactly.
+
+Also the one dtype table (:data:`DTYPES`) and the one parser of the dtype names users write
+(:func:`parse_dtype`), both importable without torch.
 """
 
 from __future__ import annotations
@@ -13,8 +16,7 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from weightsmith.errors import WeightsmithError
 
@@ -22,38 +24,63 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-#: safetensors dtype name -> (torch dtype attribute, bytes per element). Names, not torch objects,
-#: so that reading headers imports no torch (the numpy merge engine never loads it).
-DTYPES: dict[str, tuple[str, int]] = {
-    "F64": ("float64", 8),
-    "F32": ("float32", 4),
-    "F16": ("float16", 2),
-    "BF16": ("bfloat16", 2),
-    "I64": ("int64", 8),
-    "I32": ("int32", 4),
-    "I16": ("int16", 2),
-    "I8": ("int8", 1),
-    "U64": ("uint64", 8),
-    "U32": ("uint32", 4),
-    "U16": ("uint16", 2),
-    "U8": ("uint8", 1),
-    "BOOL": ("bool", 1),
-    "F8_E4M3": ("float8_e4m3fn", 1),
-    "F8_E5M2": ("float8_e5m2", 1),
+
+class DType(NamedTuple):
+    """One safetensors dtype: the torch dtype attribute of the same name (also the name config.json
+    uses), bytes per element, the numpy dtype its bytes are viewed as when numpy computes with it
+    (``None``: numpy does not; bfloat16, which numpy lacks, as its 16 bits, see :mod:`merge.npmath`)
+    and the names users write for it (CLI options, recipes, mergekit configs; floating point only)."""
+
+    torch: str
+    itemsize: int
+    numpy: str | None = None
+    names: tuple[str, ...] = ()
+
+
+#: The one dtype table: safetensors dtype name -> :class:`DType`. Names, not torch or numpy objects,
+#: so that reading headers imports neither (the numpy merge engine never loads torch).
+DTYPES: dict[str, DType] = {
+    "F64": DType("float64", 8, "float64", ("fp64", "float64")),
+    "F32": DType("float32", 4, "float32", ("fp32", "float32")),
+    "F16": DType("float16", 2, "float16", ("fp16", "float16")),
+    "BF16": DType("bfloat16", 2, "uint16", ("bf16", "bfloat16")),
+    "I64": DType("int64", 8),
+    "I32": DType("int32", 4),
+    "I16": DType("int16", 2),
+    "I8": DType("int8", 1),
+    "U64": DType("uint64", 8),
+    "U32": DType("uint32", 4),
+    "U16": DType("uint16", 2),
+    "U8": DType("uint8", 1),
+    "BOOL": DType("bool", 1),
+    "F8_E4M3": DType("float8_e4m3fn", 1),
+    "F8_E5M2": DType("float8_e5m2", 1),
 }
-#: The floating-point safetensors dtypes numpy computes with: name -> the numpy dtype the raw bytes
-#: are viewed as (bfloat16, which numpy lacks, as its 16 bits; see :mod:`merge.npmath`).
-NUMPY_FLOATS: dict[str, str] = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "uint16"}
+
+_BY_TORCH_NAME = {dtype.torch: name for name, dtype in DTYPES.items()}
+_BY_USER_NAME = {alias: name for name, dtype in DTYPES.items() for alias in dtype.names}
+
+
+def parse_dtype(name: str) -> str:
+    """The safetensors name of a dtype as users write it: ``bf16``, ``bfloat16`` or
+    ``torch.bfloat16`` (any case) -> ``BF16``. :class:`WeightsmithError` naming the value and the
+    accepted names when it is none of them."""
+    key = name.strip().lower().removeprefix("torch.") if isinstance(name, str) else None
+    if key not in _BY_USER_NAME:
+        raise WeightsmithError(None, f"unknown dtype {name!r}; choose from {', '.join(_BY_USER_NAME)}")
+    return _BY_USER_NAME[key]
+
+
+def parse_torch_dtype(name: str) -> torch.dtype:
+    """:func:`parse_dtype`, as a torch dtype (imports torch)."""
+    return torch_dtype(parse_dtype(name))
 
 
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype of the safetensors dtype ``name`` (imports torch)."""
     import torch
 
-    return getattr(torch, DTYPES[name][0])
-
-
-_BY_TORCH_NAME = {torch_name: name for name, (torch_name, _) in DTYPES.items()}
+    return getattr(torch, DTYPES[name].torch)
 
 
 def st_dtype(dtype: torch.dtype) -> str:
@@ -70,10 +97,15 @@ def is_float(name: str) -> bool:
 
 
 def numpy_view(name: str) -> np.dtype:
-    """The numpy dtype the bytes of a floating-point tensor are read as (KeyError for others)."""
+    """The numpy dtype the bytes of a floating-point tensor are read as (KeyError for dtypes numpy
+    does not compute with)."""
     import numpy as np
 
-    return np.dtype(NUMPY_FLOATS[name])
+    view = DTYPES[name].numpy
+    if view is None:
+        raise KeyError(name)
+    return np.dtype(view)
+
 
 #: The safetensors library itself refuses headers above 100 MB.
 MAX_HEADER_BYTES = 100_000_000
@@ -161,7 +193,7 @@ def _parse_entry(name: str, spec: object, data_start: int, where: str | Path) ->
         or offsets[0] > offsets[1]
     ):
         raise WeightsmithError(where, f"tensor {name!r}: data_offsets must be two ordered non-negative integers")
-    expected = math.prod(shape) * DTYPES[dtype][1]
+    expected = math.prod(shape) * DTYPES[dtype].itemsize
     if offsets[1] - offsets[0] != expected:
         raise WeightsmithError(
             where,
