@@ -3,8 +3,10 @@ as named dense tensors read one at a time.
 
 * A folder is a :class:`~weightsmith.checkpoint.Checkpoint` (validated headers, memory-mapped
   reads; pickle only with ``allow_pickle``).
-* A ``.gguf`` file is converted once through :mod:`weightsmith.gguf_import` into a cache folder
-  keyed by the file's sha256 and the dtype, then read like a folder.
+* A ``.gguf`` file is converted once by :func:`weightsmith.gguf_import.convert_gguf` (tensor by
+  tensor from the memory-mapped file, peak memory about one tensor) into a cache folder keyed by the
+  file's sha256 and the dtype, then read like a folder: the merge engines then copy, memory-map and
+  chunk it like any checkpoint, and later merges of the same file skip the dequantization.
 * A ``pack-quantized`` compressed-tensors checkpoint shows each quantized linear as one dense
   ``<module>.weight``, dequantized on demand with :func:`compress.pack.from_compressed_tensors`
   (its grid from config.json's ``quantization_config``). Only the 2-element ``weight_shape``
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING
 from merge.layout import Layout, layout_of
 from weightsmith.checkpoint import Checkpoint
 from weightsmith.errors import WeightsmithError
-from weightsmith.gguf_import import GGUF_MAGIC
+from weightsmith.gguf_read import is_gguf
 from weightsmith.models import resolve
 from weightsmith.paths import cache_dir
 from weightsmith.provenance import HashCache
@@ -225,13 +227,6 @@ def locate(reference: str, config_dir: Path | None) -> Path:
     return resolve(reference)
 
 
-def _is_gguf(path: Path) -> bool:
-    if not path.is_file():
-        return False
-    with open(path, "rb") as fh:
-        return fh.read(4) == GGUF_MAGIC
-
-
 def _gguf_folder(path: Path, dtype: str) -> Path:
     """The cached safetensors conversion (into safetensors dtype ``dtype``) of a GGUF file,
     converted on first use."""
@@ -254,7 +249,7 @@ def open_input(
 ) -> MergeInput:
     """Open the model ``reference`` names (headers and config only, apart from a GGUF conversion)."""
     path = locate(reference, config_dir)
-    if _is_gguf(path):
+    if is_gguf(path):
         return MergeInput(reference, Checkpoint(_gguf_folder(path, gguf_dtype)), path, [path])
     checkpoint = Checkpoint(path, allow_pickle=allow_pickle)
     return MergeInput(reference, checkpoint, checkpoint.folder, checkpoint.files)
