@@ -16,11 +16,10 @@ T = TypeVar("T")
 #: index order. Chunks are computed independently, so the result does not depend on which.
 PMap = Callable[[Callable[[int], T], range], Sequence[T]]
 
-#: Elements per chunk (1 MiB of float32): the temporaries of a chunk's arithmetic stay in cache and
-#: small per thread (measured on the merge set with two threads: slerp peak RSS 645 -> 555 MiB and
-#: no slower than with 4 MiB chunks). Cutting tensors into more, equal chunks, so that two threads
-#: get equal shares of a 576 x 576 projection, was slower on the merge set (3.1-3.6 s against
-#: 2.9-3.0 s for dare_ties): every chunk costs dozens of numpy calls, each handing the GIL over.
+#: Elements per chunk (1 MiB of float32): small enough that a chunk's temporaries stay in cache and
+#: each thread's working memory stays small, large enough that the few dozen array calls a chunk
+#: costs (each handing the GIL over) stay cheap beside its arithmetic. Tensors are cut at fixed
+#: offsets, not into one share per thread, for the same reason: the chunk is the unit of work.
 CHUNK = 1 << 18
 
 
@@ -41,8 +40,8 @@ def thread_map(threads: int) -> Iterator[PMap]:
     """A :data:`PMap` running chunks in ``threads`` threads (torch and numpy release the GIL in
     their loops): the indices are cut into ``threads`` consecutive shares of equal count, the
     calling thread computes the first and each pool thread one other, so one call costs one
-    hand-off per thread rather than one per chunk (per-chunk hand-offs, waking a thread for each
-    of thousands of chunks, took a sixth of a merge's time). :func:`serial_map` for one thread."""
+    hand-off per thread rather than one per chunk (waking a thread for each of thousands of chunks
+    costs more than small chunks' arithmetic). :func:`serial_map` for one thread."""
     if threads == 1:
         yield serial_map
         return

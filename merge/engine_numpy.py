@@ -1,12 +1,14 @@
 """The numpy engine of the merge pass: CPU only, no torch imported at all (importing torch alone
 takes longer than a whole linear merge of a 135M model), for the common case — safetensors
-checkpoint folders of bfloat16 / float16 / float32 tensors merged by a method with a numpy twin
-(:mod:`merge.npmethods`: linear, soup, slerp, task_arithmetic, dare_linear, dare_ties). Its output
+checkpoint folders of bfloat16 / float16 / float32 tensors merged by a method whose math runs on
+numpy (``Method.numpy``: linear, soup, slerp, task_arithmetic, dare_linear, dare_ties). The math is
+the torch engine's own functions on numpy arrays (:class:`merge.arith.NumpyArith`), so the output
 is bit-for-bit the torch engine's (tests compare them); :func:`eligible` says when it applies.
 
 Inputs are memory-mapped arrays (:meth:`weightsmith.checkpoint.Checkpoint.array`); each chunk of
 an input is widened to float32 (and rounded to the compute dtype when that is narrower than the
 input's); each finished chunk is rounded into the output array, which is written as raw bytes.
+bfloat16, which numpy lacks, is read and written as its 16 bits (:mod:`merge.npmath`).
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from functools import partial
 
 import numpy as np
 
+from merge.arith import Group, NumpyArith
 from merge.chunks import PMap
 from merge.npmath import FLOATS, narrow, promote, round_to, widen
-from merge.npmethods import ArrayGroup
 from merge.plan import Job, Plan
 from weightsmith.checkpoint import CheckpointWriter
 from weightsmith.errors import WeightsmithError
@@ -26,11 +28,12 @@ from weightsmith.stformat import DTYPES, numpy_view
 
 __all__ = ["NumpyEngine", "eligible"]
 
+
 def eligible(plan: Plan, device: str) -> str | None:
     """None when the numpy engine can run ``plan`` on ``device``; else why not (for the log)."""
     if device != "cpu":
         return f"device {device}"
-    if plan.method.numpy is None:
+    if not plan.method.numpy:
         return f"no numpy version of {plan.method.name}"
     for dtype in (plan.config.compute_st_dtype, plan.config.output_st_dtype):
         if dtype is not None and dtype not in FLOATS:
@@ -49,7 +52,7 @@ def eligible(plan: Plan, device: str) -> str | None:
 
 
 class NumpyEngine:
-    """The twin of :class:`merge.engine_torch.TorchEngine`: ``load`` maps a job's input arrays,
+    """The numpy counterpart of :class:`merge.engine_torch.TorchEngine`: ``load`` maps a job's input arrays,
     ``merge`` computes the output and returns the writer action, its dtype name and its size."""
 
     def __init__(self, plan: Plan, seeds: Callable[[Job], list[int]], pmap: PMap) -> None:
@@ -83,7 +86,6 @@ class NumpyEngine:
                 x = round_to(x, compute)
             out[part] = narrow(x, output)
 
-        group = ArrayGroup(numel, compute, values, emit, len(arrays), job.base, job.shared, job.per_input, self.seeds(job), self.pmap)
-        assert self.plan.method.numpy is not None
-        self.plan.method.numpy(group)
+        group = Group(NumpyArith(compute), numel, tuple(shape), len(arrays), values, emit, job.base, job.shared, job.per_input, self.seeds(job), self.pmap)
+        self.plan.method.apply(group)
         return partial(writer.add_array, job.name, output, tuple(shape), out), DTYPES[output][0], numel

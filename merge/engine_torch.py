@@ -1,6 +1,7 @@
 """The torch engine of the merge pass: every method, every input kind (GGUF, packed, pickle) and
 any device torch offers. Tensors are read through :class:`merge.sources.MergeInput`, cast to the
-compute dtype, merged by the method's torch math and handed to the writer."""
+compute dtype, merged by the method's math on tensors (:class:`merge.arith.TorchArith`) and handed
+to the writer."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from torch import Tensor
 
 from merge.chunks import PMap, thread_map
-from merge.methods import Group
+from merge.arith import Group, TorchArith
 from merge.plan import Job, Plan
 from weightsmith.checkpoint import CheckpointWriter
 from weightsmith.errors import WeightsmithError
@@ -73,9 +74,28 @@ class TorchEngine:
             dtype = tensors[0].dtype
             for t in tensors[1:]:
                 dtype = torch.promote_types(dtype, t.dtype)
-        tensors = [t.to(dtype) for t in tensors]
-        group = Group(tensors, job.base, job.shared, job.per_input, self.seeds(job), self.pmap)
-        result = self.plan.method.apply(group)
+        flats = [t.to(dtype).reshape(-1) for t in tensors]
+        numel = flats[0].numel()
+        out = torch.empty(numel, dtype=dtype, device=self.device)
+
+        def emit(part: slice, x: Tensor) -> None:
+            out[part] = x
+
+        group = Group(
+            TorchArith(dtype, self.device),
+            numel,
+            tuple(tensors[0].shape),
+            len(flats),
+            lambda i, part: flats[i][part],
+            emit,
+            job.base,
+            job.shared,
+            job.per_input,
+            self.seeds(job),
+            self.pmap,
+        )
+        self.plan.method.apply(group)
+        result = out.reshape(tensors[0].shape)
         if self.output_dtype is not None:
             result = result.to(self.output_dtype)
         return result.to("cpu").contiguous()

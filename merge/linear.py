@@ -8,53 +8,52 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-from torch import Tensor
+from merge.arith import Array, Group, emit_chunks, whole_group
+from merge.chunks import PMap, serial_map
 
-from merge.chunks import PMap, chunks, serial_map
-
-__all__ = ["linear", "soup", "work_dtype"]
+__all__ = ["linear", "linear_group", "soup", "soup_group"]
 
 
-def work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype interpolating methods compute in: float64 stays float64, everything else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def linear_group(g: Group, weights: Sequence[float], normalize: bool) -> None:
+    """``sum_i weights[i] * x_i``, divided by ``sum(weights)`` when ``normalize``, for every chunk
+    of ``g``: accumulated from zero in input order in float32 (float64 for float64), each product
+    rounded before it is added (no fused multiply-add, which numpy lacks), rounded to the output
+    once at the end."""
+    a = g.arith
+    xp = a.xp
+    if len(weights) != g.count:
+        raise ValueError(f"{g.count} inputs but {len(weights)} weights")
+    coefficients = a.scalars(weights, wide=True)
+    total = xp.sum(coefficients)
 
-
-def linear(tensors: Sequence[Tensor], weights: Sequence[float], normalize: bool = True, *, pmap: PMap = serial_map) -> Tensor:
-    """``sum_i weights[i] * tensors[i]``, divided by ``sum(weights)`` when ``normalize``.
-
-    Computed in float32 (float64 for float64 inputs) chunk by chunk (mapped by ``pmap``): each
-    product rounded, then added in input order (no fused multiply-add, which numpy, the other
-    engine, lacks), and returned in the first tensor's dtype.
-    """
-    if not tensors:
-        raise ValueError("linear needs at least one tensor")
-    if len(weights) != len(tensors):
-        raise ValueError(f"{len(tensors)} tensors but {len(weights)} weights")
-    first = tensors[0]
-    if not first.is_floating_point():
-        raise TypeError("linear merging needs floating-point tensors")
-    work = work_dtype(first.dtype)
-    coefficients = torch.tensor([float(w) for w in weights], dtype=work, device=first.device)
-    total_weight = coefficients.sum()
-    flats = [t.reshape(-1) for t in tensors]
-    out = torch.empty(first.numel(), dtype=first.dtype, device=first.device)
-    parts = chunks(first.numel())
-
-    def chunk(j: int) -> None:
-        part = parts[j]
-        acc = torch.zeros(part.stop - part.start, dtype=work, device=first.device)
-        for flat, coefficient in zip(flats, coefficients):
-            acc += flat[part].to(work) * coefficient
+    def chunk(_j: int, part: slice) -> Array:
+        acc = None
+        for i in range(g.count):
+            term = a.widen(g.values(i, part)) * coefficients[i]
+            if acc is None:
+                acc = xp.zeros_like(term)
+            acc += term
         if normalize:
-            acc.div_(total_weight)
-        out[part] = acc
+            acc /= total
+        return acc
 
-    pmap(chunk, range(len(parts)))
-    return out.reshape(first.shape)
+    emit_chunks(g, chunk)
 
 
-def soup(tensors: Sequence[Tensor], *, pmap: PMap = serial_map) -> Tensor:
-    """The uniform soup: the plain average of any number of tensors."""
-    return linear(tensors, [1.0] * len(tensors), normalize=True, pmap=pmap)
+def soup_group(g: Group) -> None:
+    """The uniform soup: the plain average of the inputs."""
+    linear_group(g, [1.0] * g.count, True)
+
+
+def linear(arrays: Sequence[Array], weights: Sequence[float], normalize: bool = True, *, pmap: PMap = serial_map) -> Array:
+    """:func:`linear_group` on whole arrays of one dtype; the result in that dtype."""
+    if not arrays:
+        raise ValueError("linear needs at least one tensor")
+    group, result = whole_group(arrays, pmap=pmap)
+    linear_group(group, weights, normalize)
+    return result()
+
+
+def soup(arrays: Sequence[Array], *, pmap: PMap = serial_map) -> Array:
+    """The uniform soup of whole arrays."""
+    return linear(arrays, [1.0] * len(arrays), normalize=True, pmap=pmap)

@@ -1,26 +1,25 @@
 """The merge methods by name: parameters, input contract and the math each calls — data, one entry
 per method. The names are mergekit's (plus ``soup``).
 
-Each method has its torch math (imported when first called, so that the registry, the config and
-the plan import no torch) and, where one exists, its numpy twin for the CPU engine that never
-loads torch (:mod:`merge.npmethods`)."""
+Each method's math is one function of a :class:`merge.arith.Group` (imported when first called, so
+that the registry, the config and the plan import neither torch nor the math). Those written
+against the array API run in both engines; ``numpy=False`` marks the ones that need torch
+(:mod:`weightsmith.topk`'s exact top-k, model stock, passthrough)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from merge import npmethods
-from merge.chunks import PMap, serial_map
 from merge.flags import Consensus, Sparsification
 from merge.params import Kind, ParamSpec, Scope
 
 if TYPE_CHECKING:
-    from torch import Tensor
+    from merge.arith import Group
 
-__all__ = ["METHODS", "BasePolicy", "Group", "Method", "method_named"]
+__all__ = ["METHODS", "BasePolicy", "Method", "method_named"]
 
 
 class BasePolicy(str, Enum):
@@ -29,92 +28,64 @@ class BasePolicy(str, Enum):
 
 
 @dataclass(frozen=True)
-class Group:
-    """The inputs of one output tensor: tensors in input order, which one is the base, the shared
-    parameters and each input's own, (for random methods) one seed per input, and the map that runs
-    the chunks of the math (several threads, or one)."""
-
-    tensors: Sequence[Tensor]
-    base: int | None
-    shared: dict[str, Any]
-    per_input: Sequence[dict[str, Any]]
-    seeds: Sequence[int] = field(default_factory=tuple)
-    pmap: PMap = serial_map
-
-    def others(self) -> list[int]:
-        return [i for i in range(len(self.tensors)) if i != self.base]
-
-
-@dataclass(frozen=True)
 class Method:
     name: str
-    apply: Callable[[Group], Tensor]
+    apply: Callable[[Group], None]
     params: tuple[ParamSpec, ...] = ()
     base: BasePolicy = BasePolicy.ignored
     min_inputs: int = 1
     max_inputs: int | None = None
     random: bool = False
     paper: str = ""
-    #: the numpy engine's version of ``apply``, when it has one
-    numpy: npmethods.NumpyMethod | None = None
+    #: whether the numpy engine runs it (the math uses only the array API and :class:`merge.arith.Arith`)
+    numpy: bool = False
 
     def param(self, name: str) -> ParamSpec | None:
         return next((p for p in self.params if p.name == name), None)
 
 
-def _linear(g: Group) -> Tensor:
-    from merge.linear import linear
+def _linear(g: Group) -> None:
+    from merge.linear import linear_group
 
-    return linear(g.tensors, [p["weight"] for p in g.per_input], normalize=g.shared["normalize"], pmap=g.pmap)
-
-
-def _soup(g: Group) -> Tensor:
-    from merge.linear import soup
-
-    return soup(g.tensors, pmap=g.pmap)
+    linear_group(g, [p["weight"] for p in g.per_input], g.shared["normalize"])
 
 
-def _slerp(g: Group) -> Tensor:
-    from merge.slerp import slerp
+def _soup(g: Group) -> None:
+    from merge.linear import soup_group
 
-    assert g.base is not None
-    (other,) = g.others()
-    return slerp(g.shared["t"], g.tensors[g.base], g.tensors[other], pmap=g.pmap)
+    soup_group(g)
 
 
-def _model_stock(g: Group) -> Tensor:
+def _slerp(g: Group) -> None:
+    from merge.slerp import slerp_group
+
+    slerp_group(g, g.shared["t"])
+
+
+def _whole(g: Group, i: int) -> Any:
+    """Input ``i`` whole, in its shape."""
+    return g.values(i, slice(0, g.numel)).reshape(g.shape)
+
+
+def _model_stock(g: Group) -> None:
     from merge.model_stock import model_stock
 
     assert g.base is not None
-    return model_stock(g.tensors[g.base], [g.tensors[i] for i in g.others()], filter_wise=g.shared["filter_wise"])
+    merged = model_stock(_whole(g, g.base), [_whole(g, i) for i in g.others()], filter_wise=g.shared["filter_wise"])
+    g.emit(slice(0, g.numel), merged.reshape(-1))
 
 
-def _passthrough(g: Group) -> Tensor:
+def _passthrough(g: Group) -> None:
     from merge.passthrough import passthrough
 
-    return passthrough(g.tensors[0], g.per_input[0]["scale"])
+    g.emit(slice(0, g.numel), passthrough(g.values(0, slice(0, g.numel)), g.per_input[0]["scale"]))
 
 
-def _delta(sparsification: Sparsification | None, consensus: Consensus | None) -> Callable[[Group], Tensor]:
-    def apply(g: Group) -> Tensor:
-        from merge.task_arithmetic import merge_deltas
+def _delta(sparsification: Sparsification | None, consensus: Consensus | None) -> Callable[[Group], None]:
+    def apply(g: Group) -> None:
+        from merge.task_arithmetic import merge_deltas_group
 
-        assert g.base is not None
-        others = g.others()
-        return merge_deltas(
-            g.tensors[g.base],
-            [g.tensors[i] for i in others],
-            [g.per_input[i]["weight"] for i in others],
-            densities=[g.per_input[i]["density"] for i in others],
-            sparsification=sparsification,
-            consensus=consensus,
-            normalize=g.shared["normalize"],
-            rescale=g.shared["rescale"],
-            scale=g.shared["lambda"],
-            gammas=[g.per_input[i].get("gamma", 0.0) for i in others],
-            seeds=[g.seeds[i] for i in others] if g.seeds else None,
-            pmap=g.pmap,
-        )
+        merge_deltas_group(g, sparsification, consensus, normalize=g.shared["normalize"], rescale=g.shared["rescale"], scale=g.shared["lambda"])
 
     return apply
 
@@ -139,7 +110,7 @@ def _delta_method(
         base=BasePolicy.required,
         random=sparsification is Sparsification.random,
         paper=paper,
-        numpy=npmethods.deltas_method(sparsification, consensus) if sparsification in (None, Sparsification.random) else None,
+        numpy=sparsification in (None, Sparsification.random),
     )
 
 
@@ -151,9 +122,9 @@ METHODS: dict[str, Method] = {
             _linear,
             (ParamSpec("weight", Kind.number, Scope.input), ParamSpec("normalize", Kind.flag, Scope.shared, True)),
             paper="https://arxiv.org/abs/2203.05482",
-            numpy=npmethods.linear,
+            numpy=True,
         ),
-        Method("soup", _soup, paper="https://arxiv.org/abs/2203.05482", numpy=npmethods.soup),
+        Method("soup", _soup, paper="https://arxiv.org/abs/2203.05482", numpy=True),
         Method(
             "slerp",
             _slerp,
@@ -162,7 +133,7 @@ METHODS: dict[str, Method] = {
             min_inputs=2,
             max_inputs=2,
             paper="https://en.wikipedia.org/wiki/Slerp",
-            numpy=npmethods.slerp,
+            numpy=True,
         ),
         _delta_method("task_arithmetic", "https://arxiv.org/abs/2212.04089", None, None, False, False),
         _delta_method("ties", "https://arxiv.org/abs/2306.01708", Sparsification.magnitude, Consensus.sum, True, False),

@@ -1,41 +1,20 @@
-"""Merge math in numpy, for the CPU engine that never imports torch (:mod:`merge.engine_numpy`).
+"""16-bit floats in numpy, for the merge engine that never imports torch (:mod:`merge.engine_numpy`).
 
-The functions mirror the torch ones operation for operation, so both engines write the same bits:
-values travel as float32 arrays (float32 is exact for bfloat16 and float16), and wherever torch's
-arithmetic in a 16-bit dtype rounds (every elementwise operation: computed in float32, rounded to
-the nearest even 16-bit value), :func:`round_to` rounds. bfloat16, which numpy lacks, is read and
-written as its 16 bits (uint16). Arrays in, arrays out; chunking and threads are the caller's.
-
-Algorithms (papers): linear / soups, https://arxiv.org/abs/2203.05482; SLERP,
-https://doi.org/10.1145/325165.325242; task arithmetic, https://arxiv.org/abs/2212.04089; TIES' sign
-election, https://arxiv.org/abs/2306.01708; DARE, https://arxiv.org/abs/2311.03099.
+Values travel as float32 arrays (float32 is exact for bfloat16 and float16); :func:`round_to`
+rounds them to a 16-bit grid wherever torch's arithmetic in that dtype rounds (every elementwise
+operation: computed in float32, rounded to the nearest even 16-bit value), so the shared merge math
+(:class:`merge.arith.NumpyArith`) writes torch's bits. bfloat16, which numpy lacks, is read and
+written as its 16 bits (uint16). Also DARE's random keep masks, which both engines draw here.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = [
-    "FLOATS",
-    "accumulate",
-    "bf16_bits",
-    "cosine",
-    "linear_chunk",
-    "lerp_chunk",
-    "narrow",
-    "pack",
-    "promote",
-    "random_keep",
-    "round_scalar",
-    "round_to",
-    "sign_agreement",
-    "slerp_coefficients",
-    "widen",
-]
+__all__ = ["FLOATS", "bf16_bits", "narrow", "promote", "random_keep", "round_to", "widen"]
 
 #: The safetensors dtypes this engine computes in.
 FLOATS = ("BF16", "F16", "F32")
@@ -43,7 +22,6 @@ F32 = np.float32
 #: Entries per draw-density step of DARE's random mask: the keep threshold on 16-bit draws.
 DRAW_LEVELS = 1 << 16
 _ONE, _SIXTEEN, _HALF_MINUS_ONE, _HIGH_HALF, _QUIET_NAN = (np.uint32(v) for v in (1, 16, 0x7FFF, 0xFFFF0000, 0x7FC00000))
-_SIGN_BIT, _FLOAT_ONE = np.uint32(0x80000000), np.uint32(0x3F800000)
 
 
 def promote(dtypes: Sequence[str]) -> str:
@@ -60,18 +38,6 @@ def widen(raw: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "F16":
         return raw.astype(F32)
     return raw
-
-
-def pack(x: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 values already on ``dtype``'s grid as stored values (exact: no rounding), the
-    inverse of :func:`widen`."""
-    if dtype == "BF16":
-        if sys.byteorder == "little":
-            return x.view(np.uint16)[1::2].copy()
-        return (x.view(np.uint32) >> _SIXTEEN).astype(np.uint16)
-    if dtype == "F16":
-        return x.astype(np.float16)
-    return x.copy()
 
 
 def _bf16_rounded(x: np.ndarray) -> np.ndarray:
@@ -108,12 +74,6 @@ def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
     return x
 
 
-def round_scalar(value: float, dtype: str) -> np.float32:
-    """A Python float as torch stores it in a 0-dim tensor of ``dtype``: to float32 first, then to
-    the 16-bit grid."""
-    return F32(round_to(np.array([value], dtype=F32), dtype)[0])
-
-
 def narrow(x: np.ndarray, dtype: str) -> np.ndarray:
     """float32 values (on ``dtype``'s grid or not) as stored ``dtype`` values, rounded to nearest even."""
     if dtype == "BF16":
@@ -124,67 +84,11 @@ def narrow(x: np.ndarray, dtype: str) -> np.ndarray:
     return x.astype(F32, copy=False)
 
 
-def linear_chunk(values: Sequence[np.ndarray], coefficients: Sequence[np.float32], total: np.float32 | None) -> np.ndarray:
-    """``sum_i coefficients[i] * values[i]`` accumulated from zero in input order (float32),
-    divided by ``total`` unless it is None — :func:`merge.linear.linear` on one chunk."""
-    acc = np.zeros(len(values[0]), dtype=F32)
-    for value, coefficient in zip(values, coefficients):
-        acc += value * coefficient
-    if total is not None:
-        acc /= total
-    return acc
-
-
-def cosine(aa: float, bb: float, ab: float, eps: float) -> float:
-    """The cosine of the angle between two vectors from their dot products ``a.a``, ``b.b`` and
-    ``a.b``; a norm at most ``eps`` counts as 1, as mergekit's SLERP does."""
-    norm_a, norm_b = math.sqrt(aa), math.sqrt(bb)
-    return ab / ((norm_a if norm_a > eps else 1.0) * (norm_b if norm_b > eps else 1.0))
-
-
-def slerp_coefficients(t: float, cos: float, dot_threshold: float) -> tuple[float, float]:
-    """The weights of ``v0`` and ``v1`` at ``t`` for vectors at the angle whose cosine is ``cos``:
-    ``sin((1-t) theta) / sin theta`` and ``sin(t theta) / sin theta``, or ``1-t`` and ``t`` when
-    ``|cos| > dot_threshold`` (nearly colinear). Python floats, so both engines get the same ones."""
-    cos = min(max(cos, -1.0), 1.0)
-    if abs(cos) > dot_threshold:
-        return 1.0 - t, t
-    theta = math.acos(cos)
-    sin_theta = math.sin(theta)
-    return math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
-
-
-def lerp_chunk(a: np.ndarray, b: np.ndarray, coef_a: np.float32, coef_b: np.float32) -> np.ndarray:
-    return coef_a * a + coef_b * b
-
-
-def accumulate(parts: Sequence[np.ndarray], dtype: str) -> np.ndarray:
-    """The sum of ``parts`` as :func:`merge.task_arithmetic._accumulate` computes it: two parts in
-    one rounded addition, more accumulated in float32 and rounded once."""
-    acc = parts[0] + parts[1] if len(parts) > 1 else parts[0].copy()
-    for part in parts[2:]:
-        acc += part
-    return round_to(acc, dtype)
-
-
-def sign_agreement(deltas: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Per delta, True where its sign equals the sign elected by the deltas' sum (+ where the sum is
-    >= 0, a -0 sum electing -), else False — zero deltas never agree. The sum is not rounded to the
-    16-bit dtype as torch's is: rounding keeps the sign (a value too small for it becomes a zero of
-    the same sign), and only the sign is used."""
-    total = deltas[0] + deltas[1] if len(deltas) > 1 else deltas[0]
-    for d in deltas[2:]:
-        total = total + d
-    elected = total.view(np.uint32) & _SIGN_BIT  # copysign(1, total) in two integer passes
-    elected |= _FLOAT_ONE
-    elected = elected.view(F32)
-    return [d * elected > 0 for d in deltas]
-
-
 def random_keep(seed: int, j: int, n: int, density: float) -> np.ndarray:
     """Chunk ``j``'s DARE keep mask (bool), the one both engines use: ``n`` 16-bit uniform draws from
     the chunk's own PCG64 stream (seeded by ``[seed, j]``; four draws per raw 64-bit output, low
     half first: on a little-endian machine the very draws of ``Generator.integers(0, 2**16,
-    dtype=uint16)``, about 8x faster), each kept when below ``round(density * 2**16)``."""
+    dtype=uint16)``, without its per-draw bounds work), each kept when below
+    ``round(density * 2**16)``."""
     raw = np.random.default_rng([seed, j]).bit_generator.random_raw((n + 3) // 4)
     return raw.view(np.uint16)[:n] < round(density * DRAW_LEVELS)

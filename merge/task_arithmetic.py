@@ -1,7 +1,7 @@
 """Merging task vectors — the differences between fine-tuned models and their common base.
 
-One function, :func:`merge_deltas`, does every method of the family; the named functions below
-only choose its flags:
+One function, :func:`merge_deltas_group`, does every method of the family; the methods
+(:data:`merge.methods.METHODS`) only choose its flags:
 
 ================  ==================  =================  =========  =======
 method            sparsification      sign consensus     normalize  rescale
@@ -19,72 +19,144 @@ Yadav et al. 2023, https://arxiv.org/abs/2306.01708; DARE, Yu et al. 2024,
 https://arxiv.org/abs/2311.03099; Model Breadcrumbs, Davari & Belilovsky 2024,
 https://arxiv.org/abs/2312.06795.
 
-The arithmetic runs in the dtype of the tensors it is given (the pass casts them to the config's
-``dtype`` first) and follows mergekit 0.1.5's order of operations, so outputs agree with it.
+The arithmetic runs in the compute dtype (the config's ``dtype``, else the inputs' promoted dtype),
+rounding wherever torch's arithmetic in that dtype rounds, and follows mergekit 0.1.5's order of
+operations, so outputs agree with it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-from torch import Tensor
-
+from merge.arith import Array, Group, accumulate, emit_chunks, vote_sum, whole_group
 from merge.chunks import PMap, chunks, serial_map
 from merge.flags import Consensus, Sparsification
-from merge.sparsify import Chunked, plan_sparsify
+from merge.sparsify import Sparsifier, random_sparsifier, ranked_sparsifier
 
-__all__ = [
-    "Consensus",
-    "breadcrumbs",
-    "dare_linear",
-    "dare_ties",
-    "merge_deltas",
-    "sign_agreement",
-    "task_arithmetic",
-    "ties",
-]
+__all__ = ["Consensus", "Sparsification", "merge_deltas", "merge_deltas_group", "sign_agreement"]
+
+#: A task vector whose L1 norm (before or after sparsifying) is below this is not rescaled.
+L1_EPS = 1e-7
+#: A total weight below this in magnitude is taken as 1 when normalizing.
+WEIGHT_EPS = 1e-8
 
 
-def _accumulate(parts: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
-    """The sum of ``parts`` accumulated in float32 (float64 for float64) and rounded once to
-    ``dtype`` — what ``torch.stack(parts).sum(0)`` gives, without the stack. Two parts in ``dtype``
-    are added directly: torch computes a bf16/fp16 addition in float32 and rounds once, the same
-    thing in one operation instead of four."""
-    if len(parts) == 2 and parts[0].dtype == parts[1].dtype == dtype:
-        return parts[0] + parts[1]
-    wide = torch.float64 if dtype == torch.float64 else torch.float32
-    acc = parts[0].to(wide, copy=True)
-    for part in parts[1:]:
-        acc += part.to(wide)
-    return acc.to(dtype)
+def _agreement(g: Group, deltas: Sequence[Array], consensus: Consensus) -> list[Array]:
+    """Per delta, a mask (1 or 0) of where its sign equals the sign elected by the vote (the deltas'
+    sum, or the sum of their signs): + where the vote is >= +0, else -; zero deltas never agree."""
+    a = g.arith
+    votes = deltas if consensus is Consensus.sum else [a.xp.sign(d) for d in deltas]
+    elected = a.elect(vote_sum(a, votes))
+    return [a.agree(d, elected) for d in deltas]
 
 
-def sign_agreement(deltas: Sequence[Tensor], method: Consensus = Consensus.sum) -> list[Tensor]:
-    """Per delta, 1 where its sign equals the elected sign of the entry, else 0 (in its dtype).
+def merge_deltas_group(
+    g: Group, sparsification: Sparsification | None, consensus: Consensus | None, *, normalize: bool, rescale: bool, scale: float
+) -> None:
+    """``base + scale * combine(weight_i * sparsify(x_i - base))`` over the inputs other than the
+    base, for every chunk of ``g``.
 
-    ``deltas`` are the (weighted) task vectors of the models. The elected sign is + where the vote
-    (the deltas' sum, or the sum of their signs) is >= 0, else -; zero deltas never agree. Written
-    with arithmetic, ``sign(relu(delta * elected))``: on CPUs, bool tensors and ``torch.where``
-    run several times slower than a multiplication in bf16.
+    ``combine`` sums the weighted deltas; with ``consensus`` it sums only those agreeing with the
+    elected sign. With ``normalize`` the sum is divided by the sum of the weights that took part
+    (per entry under consensus). Per input: ``weight``, ``density`` (default 1: nothing dropped),
+    ``gamma`` (breadcrumbs, default 0) and, for random drops, the group's seed. ``rescale`` keeps
+    each sparsified task vector's L1 norm (measured in a first pass over the chunks, whose
+    sparsified chunks the merge pass then takes).
     """
-    dtype = deltas[0].dtype
-    votes = deltas if method is Consensus.sum else [d.sign() for d in deltas]
-    vote = _accumulate(votes, dtype)
-    # A vote of -0 means every delta is zero there, so the side it elects does not matter.
-    elected = torch.copysign(torch.ones_like(vote), vote)
-    return [torch.sign(torch.relu(d * elected)) for d in deltas]
+    a = g.arith
+    xp = a.xp
+    base = g.base
+    assert base is not None
+    others = g.others()
+    n = len(others)
+    parts = chunks(g.numel)
+    weights = a.scalars([g.per_input[i]["weight"] for i in others])
+    unit = [float(w) == 1.0 for w in weights]  # a weight of exactly 1 multiplies nothing
+    densities = [g.per_input[i].get("density", 1.0) for i in others]
 
+    def delta(k: int, p: slice, b: Array) -> Array:
+        return a.round(g.values(others[k], p) - b)
 
-def _nonzero_divisor(divisor: Tensor) -> Tensor:
-    """``divisor`` with its zeros replaced by 1, in arithmetic: ``divisor + (1 - sign(|divisor|))``
-    adds exactly 0 elsewhere."""
-    return divisor + (1 - torch.sign(divisor.abs()))
+    sparsifiers: list[Sparsifier | None] = [None] * n
+    for k, i in enumerate(others):
+        if sparsification is None or densities[k] >= 1:
+            continue
+        if sparsification is Sparsification.random:
+            if not g.seeds:
+                raise ValueError("random sparsification needs a seed")
+            sparsifiers[k] = random_sparsifier(a, g.seeds[i], densities[k])
+        else:
+            from weightsmith.topk import Chunked
+
+            chunked = Chunked(len(parts), lambda j, k=k: delta(k, parts[j], g.values(base, parts[j])))
+            sparsifiers[k] = ranked_sparsifier(sparsification, chunked, g.numel, a.dtype, densities[k], g.per_input[i].get("gamma", 0.0), g.pmap)
+
+    #: the sparsified chunks of the L1 pass, taken (and freed) by the merge pass
+    kept: dict[tuple[int, int], Array] = {}
+    measured = [k for k in range(n) if sparsifiers[k] is not None] if rescale else []
+
+    def measure(j: int) -> list[tuple[float, float]]:
+        """Both L1 norms (float64 sums) of chunk ``j`` of every measured task vector, the base read once."""
+        b = g.values(base, parts[j])
+        norms = []
+        for k in measured:
+            whole = delta(k, parts[j], b)
+            sparse = sparsifiers[k](j, whole)  # type: ignore[misc]
+            kept[(k, j)] = sparse
+            norms.append((float(xp.sum(xp.abs(whole), dtype=xp.float64)), float(xp.sum(xp.abs(sparse), dtype=xp.float64))))
+        return norms
+
+    factors: list[Array | None] = [None] * n
+    if measured:
+        before, after = [0.0] * len(measured), [0.0] * len(measured)
+        for pieces in g.pmap(measure, range(len(parts))):  # added in chunk order
+            for m, (x, y) in enumerate(pieces):
+                before[m] += x
+                after[m] += y
+        for m, k in enumerate(measured):
+            # the norms rounded to the compute dtype, as a torch scalar of that dtype holds them
+            norms = a.scalars([before[m], after[m], L1_EPS])
+            if not (norms[0] < norms[2] or norms[1] < norms[2]):
+                factors[k] = a.round(norms[0:1] / norms[1:2])[0]
+
+    total_weight = accumulate(a, [weights[k : k + 1] for k in range(n)])[0] if n else a.scalars([1.0])[0]
+    if xp.abs(total_weight) < WEIGHT_EPS:
+        total_weight = a.scalars([1.0])[0]
+
+    def chunk(j: int, p: slice) -> Array:
+        b = g.values(base, p)
+        weighted = []
+        for k in range(n):
+            d = kept.pop((k, j), None)
+            if d is None:
+                d = delta(k, p, b)
+                if sparsifiers[k] is not None:
+                    d = sparsifiers[k](j, d)  # type: ignore[misc]
+            if factors[k] is not None:
+                d = a.round(d * factors[k])
+            weighted.append(d if unit[k] else a.round(d * weights[k]))
+        if consensus is None:
+            mixed = accumulate(a, weighted)
+            if normalize:
+                mixed = a.round(mixed / total_weight)
+        else:
+            agree = _agreement(g, weighted, consensus)
+            mixed = accumulate(a, [d * m for d, m in zip(weighted, agree)])
+            if normalize:
+                mixed = a.round(mixed / a.divisor(agree, None if all(unit) else weights))
+        if scale != 1:
+            mixed = a.round(mixed * scale)
+        return b + mixed
+
+    if n == 0:
+        emit_chunks(g, lambda _j, p: g.values(base, p))
+        return
+    emit_chunks(g, chunk)
 
 
 def merge_deltas(
-    base: Tensor,
-    tensors: Sequence[Tensor],
+    base: Array,
+    tensors: Sequence[Array],
     weights: Sequence[float],
     *,
     densities: Sequence[float] | None = None,
@@ -94,130 +166,28 @@ def merge_deltas(
     rescale: bool = False,
     scale: float = 1.0,
     gammas: Sequence[float] | None = None,
-    seeds: Sequence[int | None] | None = None,
+    seeds: Sequence[int] | None = None,
     pmap: PMap = serial_map,
-) -> Tensor:
-    """``base + scale * combine(weights[i] * sparsify(tensors[i] - base))``.
-
-    ``combine`` sums the weighted deltas; with ``consensus`` it sums only those agreeing with the
-    elected sign. With ``normalize`` the sum is divided by the sum of the weights that took part
-    (per entry under consensus). ``densities``, ``gammas`` and ``seeds`` (of the random drops) are
-    per model (defaults: 1, 0, none). Computed in ``base``'s dtype, chunk by chunk (the chunks
-    mapped by ``pmap``, possibly in parallel: each is computed alone), rounding wherever the
-    whole-tensor computation in that dtype rounds.
-    """
+) -> Array:
+    """:func:`merge_deltas_group` on whole arrays of one dtype (``base`` and the fine-tuned
+    ``tensors``; ``weights``, ``densities``, ``gammas`` and ``seeds`` per tensor); the result in
+    that dtype."""
     n = len(tensors)
-    if n == 0:
-        return base
     if len(weights) != n:
         raise ValueError(f"{n} tensors but {len(weights)} weights")
-    dtype = base.dtype
-    densities = list(densities) if densities is not None else [1.0] * n
-    gammas = list(gammas) if gammas is not None else [0.0] * n
-    seeds = list(seeds) if seeds is not None else [None] * n
-    flat_base = base.reshape(-1)
-    flats = [t.reshape(-1) for t in tensors]
-    parts = chunks(flat_base.numel())
-
-    def deltas_of(i: int) -> Chunked:
-        return Chunked(len(parts), lambda j: flats[i][parts[j]] - flat_base[parts[j]])
-
-    maskers = []
-    for i in range(n):
-        plan = None
-        if sparsification is not None:
-            plan = plan_sparsify(
-                deltas_of(i), flat_base.numel(), dtype, densities[i], sparsification, rescale=rescale, gamma=gammas[i], seed=seeds[i], pmap=pmap
-            )
-        maskers.append(plan.masker() if plan is not None else None)
-    w = torch.tensor([float(x) for x in weights], dtype=dtype, device=base.device)
-    unit = [float(x) == 1.0 for x in w]  # a weight of exactly 1 multiplies nothing
-    total_weight = _accumulate(list(w), dtype)
-    if total_weight.abs() < 1e-8:
-        total_weight = torch.ones_like(total_weight)
-    out = torch.empty_like(flat_base)
-
-    def merge_chunk(j: int) -> None:
-        p = parts[j]
-        b = flat_base[p]
-        weighted = []
-        for i in range(n):
-            delta = flats[i][p] - b
-            if maskers[i] is not None:
-                delta = maskers[i](j, delta)
-            weighted.append(delta if unit[i] else delta * w[i])
-        if consensus is None:
-            mixed = _accumulate(weighted, dtype)
-            if normalize:
-                mixed = mixed / total_weight
-        else:
-            agree = sign_agreement(weighted, consensus)
-            mixed = _accumulate([d * a for d, a in zip(weighted, agree)], dtype)
-            if normalize:
-                mixed = mixed / _nonzero_divisor(_accumulate([a if unit[i] else a * w[i] for i, a in enumerate(agree)], dtype))
-        if scale != 1:
-            mixed = mixed * scale
-        out[p] = b + mixed
-
-    pmap(merge_chunk, range(len(parts)))
-    return out.reshape(base.shape)
+    per_input: list[dict] = [{}]
+    for k in range(n):
+        per_input.append(
+            {"weight": weights[k], "density": densities[k] if densities is not None else 1.0, "gamma": gammas[k] if gammas is not None else 0.0}
+        )
+    group, result = whole_group([base, *tensors], 0, {}, per_input, [0, *seeds] if seeds is not None else (), pmap)
+    merge_deltas_group(group, sparsification, consensus, normalize=normalize, rescale=rescale, scale=scale)
+    return result()
 
 
-def task_arithmetic(
-    base: Tensor, tensors: Sequence[Tensor], weights: Sequence[float], *, normalize: bool = False, scale: float = 1.0
-) -> Tensor:
-    """Task arithmetic: add the weighted task vectors to the base (https://arxiv.org/abs/2212.04089)."""
-    return merge_deltas(base, tensors, weights, normalize=normalize, scale=scale)
-
-
-def ties(
-    base: Tensor, tensors: Sequence[Tensor], weights: Sequence[float], densities: Sequence[float], *, normalize: bool = True
-) -> Tensor:
-    """TIES: trim to the largest-magnitude ``density``, elect signs, merge the agreeing entries
-    (https://arxiv.org/abs/2306.01708)."""
-    return merge_deltas(
-        base, tensors, weights, densities=densities, sparsification=Sparsification.magnitude, consensus=Consensus.sum, normalize=normalize
-    )
-
-
-def dare_linear(
-    base: Tensor,
-    tensors: Sequence[Tensor],
-    weights: Sequence[float],
-    densities: Sequence[float],
-    seeds: Sequence[int],
-    *,
-    rescale: bool = True,
-) -> Tensor:
-    """DARE: drop task-vector entries at random, rescale, add (https://arxiv.org/abs/2311.03099)."""
-    return merge_deltas(base, tensors, weights, densities=densities, sparsification=Sparsification.random, rescale=rescale, seeds=seeds)
-
-
-def dare_ties(
-    base: Tensor,
-    tensors: Sequence[Tensor],
-    weights: Sequence[float],
-    densities: Sequence[float],
-    seeds: Sequence[int],
-    *,
-    rescale: bool = True,
-) -> Tensor:
-    """DARE's random drop followed by TIES' sign election (https://arxiv.org/abs/2311.03099)."""
-    return merge_deltas(
-        base,
-        tensors,
-        weights,
-        densities=densities,
-        sparsification=Sparsification.random,
-        consensus=Consensus.sum,
-        rescale=rescale,
-        seeds=seeds,
-    )
-
-
-def breadcrumbs(
-    base: Tensor, tensors: Sequence[Tensor], weights: Sequence[float], densities: Sequence[float], gammas: Sequence[float]
-) -> Tensor:
-    """Model Breadcrumbs: drop the largest (``gamma``) and the smallest task-vector entries, keep
-    ``density`` of them (https://arxiv.org/abs/2312.06795)."""
-    return merge_deltas(base, tensors, weights, densities=densities, sparsification=Sparsification.outliers, gammas=gammas)
+def sign_agreement(deltas: Sequence[Array], consensus: Consensus = Consensus.sum) -> list[Array]:
+    """Per delta (whole arrays of one dtype), 1 where its sign equals the elected sign of the entry,
+    else 0: the masks :func:`merge_deltas_group` uses."""
+    group, _ = whole_group(deltas)
+    masks = _agreement(group, [group.values(i, slice(None)) for i in range(len(deltas))], consensus)
+    return [group.arith.xp.reshape(m, group.shape) for m in masks]

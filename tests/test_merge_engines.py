@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from merge.npmath import bf16_bits, round_scalar, round_to
+from merge.arith import NumpyArith, TorchArith
+from merge.npmath import bf16_bits, round_to
 from merge.run import merge_checkpoints
 from weightsmith.checkpoint import Checkpoint, CheckpointWriter
 from weightsmith.errors import WeightsmithError
@@ -164,6 +165,9 @@ def test_bf16_rounding_is_torchs():
 
 
 @pytest.mark.parametrize("value", [0.1, 1 / 3, 0.7, 1e-7, 123456.789, 1.00390625])
-def test_round_scalar_is_a_torch_scalar(value):
+def test_scalars_are_torch_scalars(value):
+    """Both engines' parameters (weights, L1 norms, factors) hold the values torch stores."""
     for name, dtype in (("BF16", torch.bfloat16), ("F16", torch.float16), ("F32", torch.float32)):
-        assert float(round_scalar(value, name)) == float(torch.tensor(value, dtype=dtype))
+        expected = float(torch.tensor(value, dtype=dtype))
+        assert float(NumpyArith(name).scalars([value])[0]) == expected
+        assert float(TorchArith(dtype, "cpu").scalars([value])[0]) == expected
