@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import shutil
+import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,15 +140,71 @@ def test_same_input_gives_byte_identical_output(tmp_path, tiny_llama):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
 
 
-def test_lazy_get_maps_only_the_tensor(tiny_llama):
-    ckpt = Checkpoint(tiny_llama)
-    t = ckpt.get("model.layers.0.self_attn.q_proj.weight")
-    assert t.shape == (32, 32) and t.dtype == torch.float32
-    t.mul_(0)  # copy-on-write: the file is untouched
-    assert ckpt.get("model.layers.0.self_attn.q_proj.weight").abs().sum() > 0
+def _mapped_bytes(file) -> int:
+    """Bytes of this process's address space mapped from ``file`` (Linux /proc/self/maps)."""
+    total = 0
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == str(Path(file).resolve()):
+            begin, end = (int(x, 16) for x in fields[0].split("-"))
+            total += end - begin
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's memory maps")
+def test_lazy_get_maps_only_the_tensor(tmp_path, tiny_llama):
+    folder = shutil.copytree(tiny_llama, tmp_path / "model")  # the file is written to below
+    ckpt = Checkpoint(folder)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    info = ckpt.info(name)
+    before = info.file.read_bytes()
+    stored = torch.frombuffer(bytearray(before[info.start : info.end]), dtype=torch.float32).reshape(32, 32)
+    assert info.file.stat().st_size > 8 * info.nbytes  # so mapping the whole file would show
+    t = ckpt.get(name)
+    assert t.shape == (32, 32) and t.dtype == torch.float32 and torch.equal(t, stored)
+    # lazy: the tensor is a mapping of its own bytes (within a page each side), not a copy made by get()
+    assert info.nbytes <= _mapped_bytes(info.file) <= info.nbytes + 2 * mmap.PAGESIZE
+    with open(info.file, "r+b") as fh:  # a change to the file shows through the mapping
+        fh.seek(info.start)
+        fh.write(struct.pack("<f", 7.5))
+    assert float(t[0, 0]) == 7.5
+    # copy-on-write: writing into the tensor changes the tensor only, never the file
+    t.mul_(0)
+    assert not t.any()
+    after = info.file.read_bytes()
+    assert after[: info.start] == before[: info.start] and after[info.start + 4 :] == before[info.start + 4 :]
+    assert struct.unpack_from("<f", after, info.start) == (7.5,)
+    again = ckpt.get(name)
+    assert float(again[0, 0]) == 7.5 and torch.equal(again.flatten()[1:], stored.flatten()[1:])
+    del t, again
+    assert _mapped_bytes(info.file) == 0  # the mapping goes with the tensors
     assert ckpt.num_parameters == sum(i.numel for i in ckpt.tensors.values())
     names_by_shard = [n for _, names in ckpt.iter_shards() for n in names]
     assert names_by_shard == ckpt.names() and len(set(names_by_shard)) == len(ckpt.tensors)
+
+
+def test_copy_from_copies_bytes_file_to_file(tmp_path, tiny_llama, monkeypatch):
+    src = Checkpoint(shutil.copytree(tiny_llama, tmp_path / "model"))
+    files_before = {f: f.read_bytes() for f in src.files}
+
+    def no_tensor(self, name):
+        raise AssertionError(f"{name} went through get()")
+
+    monkeypatch.setattr(Checkpoint, "get", no_tensor)  # the bytes go file to file, never through torch
+    with CheckpointWriter(tmp_path / "out", max_shard_size=4096) as writer:
+        for name in reversed(src.names()):
+            writer.copy_from(src, name)
+    monkeypatch.undo()
+    out = Checkpoint(tmp_path / "out")
+    assert len(out.files) > 1 and set(out.names()) == set(src.names())
+    for name in src.names():
+        a, b = src.info(name), out.info(name)
+        assert (b.st_dtype, b.shape) == (a.st_dtype, a.shape)
+        assert b.file.read_bytes()[b.start : b.end] == files_before[a.file][a.start : a.end], name
+    # the output is a copy: overwriting it leaves the input as it was
+    for f in out.files:
+        f.write_bytes(bytes(f.stat().st_size))
+    assert {f: f.read_bytes() for f in src.files} == files_before
 
 
 def test_pickle_checkpoint_loads_only_with_flag(tmp_path, cli):

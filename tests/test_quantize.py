@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from compress.config import Override, QuantizeConfig
+from compress.grid import QuantGrid
 from compress.quantize import quantize_checkpoint
 from weightsmith.checkpoint import Checkpoint
 from weightsmith.data import text_blocks
@@ -15,6 +16,7 @@ from weightsmith.errors import WeightsmithError
 from weightsmith.models import load_model, load_tokenizer
 
 from .conftest import SAMPLE_TEXT, make_tiny_llama, train_tokenizer
+from .ongrid import assert_rtn_on_grid
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -140,9 +142,11 @@ def test_overrides_and_skip(models, tmp_path):
 
 def test_ragged_last_group_is_quantized_and_packed_layers_stay_loadable(tmp_path):
     src = Checkpoint(make_tiny_llama(tmp_path / "m48", hidden=48))  # 48 = 32 + 16: a shorter last group
-    quantize_checkpoint(src, tmp_path / "d", QuantizeConfig(method="rtn", bits=4, group_size=32))
+    config = QuantizeConfig(method="rtn", bits=4, group_size=32)
+    quantize_checkpoint(src, tmp_path / "d", config)
     w = Checkpoint(tmp_path / "d").get("model.layers.0.self_attn.q_proj.weight")
-    assert len(torch.unique(w[0, 32:])) <= 16 and not torch.equal(w, src.get("model.layers.0.self_attn.q_proj.weight"))
+    # columns 0-31 and the short group 32-47 each on their own 16-point grid, rounded to nearest
+    assert_rtn_on_grid(w, src.get("model.layers.0.self_attn.q_proj.weight"), QuantGrid(bits=4, symmetric=config.symmetric, group_size=32))
     report = quantize_checkpoint(src, tmp_path / "p", QuantizeConfig(method="rtn", bits=4, group_size=32, format="packed"))
     qc = json.loads((tmp_path / "p" / "config.json").read_text())["quantization_config"]
     assert "model.layers.0.self_attn.q_proj" in qc["weightsmith"]["ragged_last_group_stored_dense"]

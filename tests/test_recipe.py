@@ -7,9 +7,12 @@ import json
 import pytest
 import torch
 
+from compress.grid import QuantGrid
 from weightsmith.checkpoint import Checkpoint
 from weightsmith.errors import WeightsmithError
 from weightsmith.recipe import load_recipe, preset_path, run_recipe
+
+from .ongrid import assert_rtn_on_grid
 
 
 def write(tmp_path, text):
@@ -67,12 +70,11 @@ def test_merge_then_quantize(tmp_path, cli):
 
     a = make_tiny_llama(tmp_path / "a", seed=1)
     b = make_tiny_llama(tmp_path / "b", seed=2, vocab=Checkpoint(a).config["vocab_size"])
-    path = write(
-        tmp_path,
-        f"steps:\n  - pass: merge\n    merge_method: linear\n    models:\n      - model: {a}\n        parameters: {{weight: 1.0}}\n"
+    merge_step = (
+        f"  - pass: merge\n    merge_method: linear\n    models:\n      - model: {a}\n        parameters: {{weight: 1.0}}\n"
         f"      - model: {b}\n        parameters: {{weight: 1.0}}\n"
-        "  - pass: quantize\n    method: rtn\n    bits: 8\n    group_size: 16\n",
     )
+    path = write(tmp_path, "steps:\n" + merge_step + "  - pass: quantize\n    method: rtn\n    bits: 8\n    group_size: 16\n    symmetric: false\n")
     steps = load_recipe(path)
     assert [name for name, _ in steps] == ["merge", "quantize"]
     result = cli("run", path, "--out", tmp_path / "out")
@@ -80,7 +82,14 @@ def test_merge_then_quantize(tmp_path, cli):
     out, ca, cb = Checkpoint(tmp_path / "out"), Checkpoint(a), Checkpoint(b)
     mean = (ca.get("model.norm.weight") + cb.get("model.norm.weight")) / 2
     assert torch.allclose(out.get("model.norm.weight"), mean)  # norms are merged, not quantized
-    w = out.get("model.layers.0.mlp.up_proj.weight")
-    assert len(torch.unique(w[0, :16])) <= 2**8
+    # the linears are the 8-bit, group-16 round to nearest of the merged weights: the merge alone
+    # gives those weights exactly
+    (tmp_path / "merge-only").mkdir()
+    assert cli("run", write(tmp_path / "merge-only", "steps:\n" + merge_step), "--out", tmp_path / "merged").exit_code == 0
+    merged = Checkpoint(tmp_path / "merged")
+    assert torch.equal(out.get("model.norm.weight"), merged.get("model.norm.weight"))
+    grid = QuantGrid(bits=8, symmetric=False, group_size=16)
+    for name in ("model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.k_proj.weight"):
+        assert_rtn_on_grid(out.get(name), merged.get(name), grid)
     record = json.loads((tmp_path / "out" / "weightsmith.json").read_text())
     assert record["pass"] == "quantize" and record["inputs"][0]["parent"]["pass"] == "merge"
