@@ -155,8 +155,9 @@ def _vocabulary(folder: Path) -> Any:
 
 
 class _Planner:
-    def __init__(self, config: MergeConfig, inputs: list[MergeInput], index: dict[str, int], where: Path | None) -> None:
+    def __init__(self, config: MergeConfig, inputs: list[MergeInput], index: dict[str, int], where: Path | None, strict: bool = False) -> None:
         self.config = config
+        self.strict = strict
         self.inputs = inputs
         self.index = index
         self.where = where
@@ -186,17 +187,23 @@ class _Planner:
                 )
 
     def check_parameter_names(self) -> None:
+        """Parameters the method does not use: ignored with a warning naming each and where it is
+        (mergekit runs such configs), or refused when ``strict``."""
         allowed = {p.name for p in self.method.params}
-        levels: list[dict | None] = [self.config.parameters]
-        levels += [m.parameters for m in self.config.models or []]
-        for piece in self.config.slices or []:
-            levels.append(piece.parameters)
-            levels += [s.parameters for s in piece.sources]
-        for level in levels:
+        levels: list[tuple[str, dict | None]] = [("parameters", self.config.parameters)]
+        levels += [(f"models[{i}] ({m.model})", m.parameters) for i, m in enumerate(self.config.models or [])]
+        for s, piece in enumerate(self.config.slices or []):
+            levels.append((f"slices[{s}].parameters", piece.parameters))
+            levels += [(f"slices[{s}].sources[{k}] ({src.model})", src.parameters) for k, src in enumerate(piece.sources)]
+        known = ", ".join(sorted(allowed)) if allowed else "none"
+        for where, level in levels:
             for name in level or {}:
-                if name not in allowed:
-                    known = ", ".join(sorted(allowed)) if allowed else "none"
-                    self.problems.add(f"{name!r} is not a parameter of {self.method.name} (its parameters: {known})")
+                if name in allowed:
+                    continue
+                if self.strict:
+                    self.problems.add(f"{name!r} at {where} is not a parameter of {self.method.name} (its parameters: {known})")
+                else:
+                    log.warning("ignoring %r at %s: not a parameter of %s (its parameters: %s)", name, where, self.method.name, known)
 
     def check_layers(self) -> None:
         """Stacking slices needs each input's decoder layers found where its config says."""
@@ -380,6 +387,7 @@ class _Planner:
         return config if dtype is None else config_with_dtype(config, dtype)
 
 
-def build_plan(config: MergeConfig, inputs: list[MergeInput], index: dict[str, int], where: Path | None = None) -> Plan:
-    """The output tensors and their sources; raises one WeightsmithError listing every problem."""
-    return _Planner(config, inputs, index, where).build()
+def build_plan(config: MergeConfig, inputs: list[MergeInput], index: dict[str, int], where: Path | None = None, *, strict: bool = False) -> Plan:
+    """The output tensors and their sources; raises one WeightsmithError listing every problem.
+    Parameters the method does not use are logged and ignored, or with ``strict`` refused."""
+    return _Planner(config, inputs, index, where, strict).build()

@@ -80,13 +80,14 @@ def tensor_seed(seed: int, tensor: str, position: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def prepare(config: str | Path | dict | MergeConfig, *, allow_pickle: bool = False) -> Plan:
+def prepare(config: str | Path | dict | MergeConfig, *, allow_pickle: bool = False, strict: bool = False) -> Plan:
     """Parse the config, open the inputs (headers only; GGUF inputs are converted once into the
-    cache) and run the preflight; raises one WeightsmithError listing every problem."""
+    cache) and run the preflight; raises one WeightsmithError listing every problem. Parameters
+    the method does not use are logged and ignored (as mergekit does), or with ``strict`` refused."""
     cfg, config_dir = load_config(config)
     inputs, index = open_inputs(cfg, config_dir, allow_pickle=allow_pickle)
     where = config if isinstance(config, str | Path) else None
-    return build_plan(cfg, inputs, index, Path(where) if where is not None else None)
+    return build_plan(cfg, inputs, index, Path(where) if where is not None else None, strict=strict)
 
 
 class Engine(Protocol):
@@ -193,6 +194,7 @@ def merge_checkpoints(
     allow_pickle: bool = False,
     threads: int | None = None,
     engine: str = "auto",
+    strict: bool = False,
 ) -> MergeReport:
     """Merge the models ``config`` names (a mergekit YAML path, its parsed dict, or a
     :class:`MergeConfig`) into the checkpoint folder ``dest``.
@@ -202,8 +204,10 @@ def merge_checkpoints(
     methods (dare_linear, dare_ties); ``device`` is where the math runs (e.g. ``cuda``);
     ``threads`` is how many threads compute the chunks of each tensor (default: one per core, see
     :func:`default_threads`); the output does not depend on it. ``engine`` picks the math:
-    ``numpy`` (CPU, no torch loaded; safetensors inputs and the methods of :mod:`merge.npmethods`),
+    ``numpy`` (CPU, no torch loaded; safetensors inputs and the methods marked ``numpy``),
     ``torch`` (everything), or ``auto`` (numpy where it applies); both write the same tensors.
+    Parameters the method does not use are ignored with a warning naming each, or with
+    ``strict`` refused by the preflight.
     """
     start = time.perf_counter()
     dest = Path(dest)
@@ -218,7 +222,7 @@ def merge_checkpoints(
         check_device(device)
     if dest.exists() and not force:
         raise WeightsmithError(dest, "already exists; pass --force to overwrite it")
-    plan = prepare(config, allow_pickle=allow_pickle)
+    plan = prepare(config, allow_pickle=allow_pickle, strict=strict)
     chosen = _choose_engine(plan, device, engine)
     report = MergeReport(plan.method.name, dest, engine=chosen, layers=plan.layers)
     record = Record("merge", plan.config.model_dump(mode="json", exclude_none=True), seed=seed)

@@ -161,11 +161,6 @@ def test_config_errors_name_the_key(tmp_path, config, expected):
 @pytest.mark.parametrize(
     ("method", "extra", "expected"),
     [
-        (
-            "ties",
-            {"parameters": {"densty": 0.5}},
-            "'densty' is not a parameter of ties (its parameters: density, int8_mask, lambda, normalize, rescale, weight)",
-        ),
         ("linear", {}, "parameter 'weight' has no value for"),
         ("slerp", {"parameters": {"t": 0.5}}, "slerp takes exactly 2 input models (base included), got 3"),
         ("task_arithmetic", {"base_model": None, "parameters": {"weight": 1}}, "task_arithmetic needs a base_model among its inputs"),
@@ -180,6 +175,51 @@ def test_method_contract_and_parameters_checked_before_reading(zoo, tmp_path, me
     with pytest.raises(WeightsmithError) as caught:
         merge_checkpoints(config, tmp_path / "out")
     assert expected in caught.value.problem
+
+
+def unused_parameter_configs(zoo) -> list[tuple[dict, dict, list[str]]]:
+    """(config with parameters its method does not use, the same without them, where each is)."""
+    base, ft1, ft2 = (str(zoo[k]) for k in ("base", "ft1", "ft2"))
+    stock = {"merge_method": "model_stock", "base_model": base, "models": [{"model": m} for m in (base, ft1, ft2)]}
+    noisy_stock = {**stock, "models": [{"model": base}, *({"model": m, "parameters": {"weight": 0.5, "density": 0.7}} for m in (ft1, ft2))]}
+    slerp = {"merge_method": "slerp", "base_model": base, "models": [{"model": base}, {"model": ft1}], "parameters": {"t": 0.3}}
+    noisy_slerp = {**slerp, "models": [{"model": base}, {"model": ft1, "parameters": {"weight": 1.0}}]}
+    linear = {"merge_method": "linear", "models": [{"model": ft1, "parameters": {"weight": 0.4}}, {"model": ft2, "parameters": {"weight": 0.6}}]}
+    noisy_linear = {**linear, "parameters": {"density": 0.5}}
+    return [
+        (noisy_stock, stock, [f"'weight' at models[1] ({ft1})", f"'density' at models[1] ({ft1})", f"'weight' at models[2] ({ft2})",
+                              f"'density' at models[2] ({ft2})"]),
+        (noisy_slerp, slerp, [f"'weight' at models[1] ({ft1})"]),
+        (noisy_linear, linear, ["'density' at parameters"]),
+    ]
+
+
+@pytest.mark.parametrize("case", [0, 1, 2])
+def test_unused_parameters_are_ignored_with_a_warning_naming_each(zoo, tmp_path, caplog, case):
+    noisy, plain, places = unused_parameter_configs(zoo)[case]
+    with caplog.at_level("WARNING", logger="merge.plan"):
+        merge_checkpoints(noisy, tmp_path / "noisy")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "merge.plan"]
+    assert len(warnings) == len(places)
+    method = noisy["merge_method"]
+    for place, message in zip(places, warnings):
+        assert message.startswith(f"ignoring {place}: not a parameter of {method}")
+    merge_checkpoints(plain, tmp_path / "plain")
+    assert files_of(tmp_path / "noisy") == files_of(tmp_path / "plain") | {"weightsmith.json": files_of(tmp_path / "noisy")["weightsmith.json"]}
+
+
+def test_strict_refuses_unused_parameters(zoo, tmp_path):
+    noisy, _, places = unused_parameter_configs(zoo)[0]
+    with pytest.raises(WeightsmithError) as caught:
+        merge_checkpoints(noisy, tmp_path / "out", strict=True)
+    problem = caught.value.problem
+    assert problem.startswith("preflight found 4 problems, nothing written")
+    for place in places:
+        assert f"{place} is not a parameter of model_stock (its parameters: filter_wise)" in problem
+    assert not (tmp_path / "out").exists()
+    typo = {**ties_config(zoo, "ft1"), "parameters": {"densty": 0.5}}
+    with pytest.raises(WeightsmithError, match=r"'densty' at parameters is not a parameter of ties \(its parameters: density, int8_mask"):
+        merge_checkpoints(typo, tmp_path / "out", strict=True)
 
 
 def test_layer_range_beyond_the_model(zoo, tmp_path):
