@@ -22,7 +22,16 @@ from weightsmith.gguf_vocab import tokenizer_spec
 from weightsmith.models import load_tokenizer
 
 #: transformers config -> the GGUF architecture llama.cpp writes it as
-GGUF_ARCH = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}
+GGUF_ARCH = {
+    "llama": gguf.MODEL_ARCH.LLAMA,
+    "qwen2": gguf.MODEL_ARCH.QWEN2,
+    "qwen3": gguf.MODEL_ARCH.QWEN3,
+    "gemma2": gguf.MODEL_ARCH.GEMMA2,
+    "gemma3": gguf.MODEL_ARCH.GEMMA3,
+    "phi3": gguf.MODEL_ARCH.PHI3,
+}
+#: GGUF architecture -> transformers model_type
+HF_TYPE = {"gemma3": "gemma3_text"}
 
 
 def llama_cpp_permute(x: np.ndarray, heads: int) -> np.ndarray:
@@ -42,7 +51,7 @@ def make_tiny(folder: Path, model_type: str, hidden: int = 64, seed: int = 0, he
     side.mkdir(parents=True, exist_ok=True)
     vocab = train_tokenizer(side)
     config = AutoConfig.for_model(
-        model_type, vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
+        HF_TYPE.get(model_type, model_type), pad_token_id=0, vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=head_dim or hidden // 4, max_position_embeddings=256, tie_word_embeddings=False, eos_token_id=0, bos_token_id=0,
     )
     torch.manual_seed(seed)
@@ -93,6 +102,7 @@ def write_gguf(
     writer.add_token_merges(merges)
     writer.add_bos_token_id(0)
     writer.add_eos_token_id(0)
+    writer.add_pad_token_id(0)
     if add_bos is not None:
         writer.add_add_bos_token(add_bos)
     expected: dict[str, np.ndarray] = {}
@@ -106,6 +116,9 @@ def write_gguf(
             stored = llama_cpp_permute(x, cfg["num_attention_heads"])
         elif arch == "llama" and module.endswith("self_attn.k_proj"):
             stored = llama_cpp_permute(x, cfg["num_key_value_heads"])
+        if arch.startswith("gemma") and module.endswith("norm"):  # llama.cpp stores Gemma's norm scales as 1 + w
+            stored = x + np.float32(1.0)
+            x = stored - np.float32(1.0)
         qtype = (types or {}).get(name, Q.F32)
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if qtype == Q.F32:
@@ -172,7 +185,7 @@ def test_llama_tensors_per_ggml_type(tiny64, tmp_path):
     assert record["pass"] == "convert" and list(record["inputs"][0]["files"]) == ["tiny.gguf"]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
 def test_same_tensors_and_config_as_transformers_loader(arch, tmp_path):
     """The converted checkpoint equals what transformers' own GGUF loader builds (the path it replaces)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -193,8 +206,14 @@ def test_same_tensors_and_config_as_transformers_loader(arch, tmp_path):
     assert ours.config["tie_word_embeddings"] is True and "lm_head.weight" not in ours.names()
     if arch == "qwen2":
         assert "model.layers.1.self_attn.q_proj.bias" in ours.names()
-    if arch == "qwen3":
+    if arch in ("qwen3", "gemma3"):
         assert "model.layers.1.self_attn.k_norm.weight" in ours.names()
+    if arch.startswith("gemma"):
+        assert "model.layers.1.post_feedforward_layernorm.weight" in ours.names()
+        source = Checkpoint(folder).get("model.layers.1.post_feedforward_layernorm.weight")
+        assert torch.allclose(ours.get("model.layers.1.post_feedforward_layernorm.weight").float(), source, atol=1e-2)
+    if arch == "phi3":
+        assert ours.info("model.layers.0.self_attn.qkv_proj.weight").shape == (64 + 2 * 32, 64)
 
 
 def test_tokenizer_round_trip(tiny64, tmp_path):

@@ -76,14 +76,34 @@ class GGUFArch:
     config: Mapping[str, str] = field(default_factory=dict)
 
 
-#: GGUF ``general.architecture`` -> how to read it. Mistral models are written as ``llama``
-#: (see :func:`_arch_of`).
+#: Gemma 2/3: a norm before and after both attention and MLP.
+_GEMMA_LAYER = {
+    **_DECODER_LAYER,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+#: Phi-3: q/k/v and gate/up fused in one linear each, as in the Hugging Face checkpoint.
+_PHI3_LAYER = {
+    "attn_norm": "input_layernorm",
+    "attn_qkv": "self_attn.qkv_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_up": "mlp.gate_up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+#: GGUF ``general.architecture`` (Mistral: see :func:`_arch_of`) -> how to read it.
 GGUF_ARCHS: dict[str, GGUFArch] = {
     "llama": GGUFArch("llama", permute_qk=True),
     "mistral": GGUFArch("mistral", permute_qk=True),
     "qwen2": GGUFArch("qwen2"),
     # the head width is not hidden / heads in Qwen3 (e.g. 0.6B: 1024 / 16 heads of 128)
     "qwen3": GGUFArch("qwen3", config={"attention.key_length": "head_dim"}),
+    "gemma2": GGUFArch("gemma2", layer=_GEMMA_LAYER, norm_offset=1.0),
+    "gemma3": GGUFArch("gemma3_text", layer=_GEMMA_LAYER, norm_offset=1.0),
+    # the long-context rotary factors are config in Hugging Face's Phi-3, not tensors
+    "phi3": GGUFArch("phi3", layer=_PHI3_LAYER, ignore=("rope_freqs", "rope_factors_long", "rope_factors_short")),
 }
 
 _BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
@@ -164,6 +184,7 @@ def hf_config(gguf: GGUFFile) -> dict[str, Any]:
         if isinstance(value, str) and arch in value:
             value = value.replace(arch, name)
         config[target] = value
+    config["model_type"] = GGUF_ARCHS[name].model_type
     if "vocab_size" not in config and isinstance(gguf.metadata.get("tokenizer.ggml.tokens"), list):
         config["vocab_size"] = len(gguf.metadata["tokenizer.ggml.tokens"])
     return config
@@ -245,7 +266,7 @@ def _config_and_names(gguf: GGUFFile, side_dir: Path, dtype: torch.dtype) -> tup
         config = CONFIG_MAPPING[config_dict["model_type"]].from_dict(config_dict)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-    except (KeyError, TypeError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - config classes check their values with many kinds of errors
         raise WeightsmithError(gguf.path, f"cannot build a model config from the metadata: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     config.dtype = dtype
     config.save_pretrained(side_dir)
