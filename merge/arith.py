@@ -106,13 +106,22 @@ def vote_sum(a: Arith, parts: Sequence[Array]) -> Array:
     return total
 
 
+def _numpy_namespace() -> Any:
+    """numpy itself from 2.0 on (its main namespace implements the array API standard), else
+    array-api-compat's wrapper; not the wrapper always: it imports numpy.testing and f2py, which
+    would cost the numpy engine's start-up more than the merge of a small model."""
+    if hasattr(np, "astype"):
+        return np
+    import array_api_compat.numpy as xp
+
+    return xp
+
+
 class NumpyArith:
     """numpy arrays of float32 holding values of ``dtype`` (``BF16``, ``F16`` or ``F32``)."""
 
     def __init__(self, dtype: str) -> None:
-        import array_api_compat.numpy as xp
-
-        self.xp = xp
+        self.xp = _numpy_namespace()
         self.dtype = dtype
         self.wide = np.float32
 
