@@ -1,4 +1,4 @@
-"""The pinned evaluation protocol (DESIGN.md): perplexity, KL to a reference, top-1 agreement, size.
+"""The pinned evaluation protocol (docs/design.md): perplexity, KL to a reference, top-1 agreement, size.
 
 Text is LF-normalized and tokenized whole (no special tokens added); the first ``max_tokens`` tokens
 are cut into non-overlapping windows of ``ctx`` tokens (a last, shorter window is kept when it has
