@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from compress.grid import QuantGrid
 from compress.targets import DEFAULT_IGNORE, Selection, matches
+
+if TYPE_CHECKING:
+    from compress.grid import QuantGrid
 
 Method = Literal["rtn", "gptq", "awq", "awq_gptq"]
 #: Methods that search and fold AWQ scales first, and methods whose quantizer is GPTQ: ``awq_gptq``
@@ -19,9 +21,43 @@ GPTQ_QUANTIZER = ("gptq", "awq_gptq")
 CALIBRATED = tuple(dict.fromkeys(GPTQ_QUANTIZER + SCALED))
 
 
+BITS = (2, 3, 4, 8)
+
+
+def _check_bits(v: int | None) -> int | None:
+    if v is not None and v not in BITS:
+        raise ValueError("bits must be 2, 3, 4 or 8")
+    return v
+
+
+def _check_group_size(v: int | None) -> int | None:
+    if v is not None and v != -1 and v < 1:
+        raise ValueError("group_size must be a positive number of columns, or -1 for one scale per output channel")
+    return v
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``'PATTERN:bits=8,group_size=-1,method=rtn'`` or ``'PATTERN:skip'`` -> the fields of an
+    :class:`Override` (values still as text; the model validates them)."""
+    pattern, _, settings = text.rpartition(":") if ":" in text.removeprefix("re:") else (text, "", "")
+    if not pattern:
+        raise ValueError(f"override {text!r}: write PATTERN:key=value,... (keys: method, bits, group_size, symmetric) or PATTERN:skip")
+    fields: dict[str, Any] = {"match": pattern}
+    for item in filter(None, settings.split(",")):
+        key, eq, value = item.partition("=")
+        if key == "skip" and not eq:
+            fields["skip"] = True
+            continue
+        if not eq:
+            raise ValueError(f"override {text!r}: {item!r} is not key=value")
+        fields[key] = value
+    return fields
+
+
 class Override(BaseModel):
     """Settings for the modules matching ``match`` (a name, a ``.suffix`` or ``re:<regex>``); unset
-    fields keep the pass's values."""
+    fields keep the pass's values. Written as a mapping in a recipe or as the text
+    ``PATTERN:key=value,...`` / ``PATTERN:skip`` (both places accept both)."""
 
     model_config = ConfigDict(extra="forbid")
     match: str
@@ -30,6 +66,14 @@ class Override(BaseModel):
     group_size: int | None = None
     symmetric: bool | None = None
     skip: bool = False
+
+    _bits = field_validator("bits")(_check_bits)
+    _group_size = field_validator("group_size")(_check_group_size)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, value: Any) -> Any:
+        return parse_override(value) if isinstance(value, str) else value
 
 
 @dataclass(frozen=True)
@@ -41,39 +85,59 @@ class LinearSettings:
 
 
 class QuantizeConfig(BaseModel):
-    """Everything the quantize pass needs besides its input and output folders."""
+    """The quantize pass's settings (CLI options and recipe keys)."""
 
     model_config = ConfigDict(extra="forbid")
-    method: Method = "gptq"
-    bits: int = 4
-    group_size: int = 128
-    symmetric: bool = True
-    act_order: bool = False
-    damp: float = Field(0.01, gt=0)
-    block_size: int = Field(128, ge=1)
-    clip: bool = False
-    awq_grid: int = Field(20, ge=1)
-    awq_samples: int = Field(8, ge=1)
-    targets: list[str] | None = None
-    ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE))
-    overrides: list[Override] = Field(default_factory=list)
-    format: Literal["dense", "packed"] = "dense"
-    calib: str | None = None
-    samples: int = Field(128, ge=1)
-    seq_len: int = Field(512, ge=2)
-    #: calibration blocks per layer forward: 4 x 512 tokens keeps matmuls large, and the freed
-    #: activations small enough that the allocator's slack stays low (measured on SmolLM2 GPTQ with
-    #: 64 blocks: peak RSS 1043 MiB with 8 per batch, 864 MiB with 4, the same time)
-    batch_size: int = Field(4, ge=1)
-    calib_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    seed: int = 0
+    method: Method = Field("gptq", description="rtn (data-free), gptq, awq, or awq_gptq (AWQ scaling, then GPTQ on the scaled weights).")
+    bits: int = Field(4, description="Bits per weight: 2, 3, 4 or 8.")
+    group_size: int = Field(
+        128,
+        description="Columns per scale; -1 = one scale per output channel. A size that does not divide the width gives a shorter last group.",
+    )
+    symmetric: bool = Field(
+        True,
+        description="Symmetric grid, or asymmetric with integer zero points.",
+        json_schema_extra={"flags": ["--symmetric/--asymmetric", "--sym/--asym"]},
+    )
+    act_order: bool = Field(False, description="GPTQ: process columns by decreasing Hessian diagonal (static groups).")
+    damp: float = Field(0.01, gt=0, allow_inf_nan=False, description="GPTQ dampening, a fraction of the mean Hessian diagonal.")
+    block_size: int = Field(128, ge=1, description="GPTQ: columns updated together before the error is carried to the rest.")
+    clip: bool = Field(
+        False,
+        description="Clipping search per group: GPTQ picks each group's range by the layer-output error on the calibration Hessian, "
+        "RTN by the squared weight error (AWQ always searches, by the activation-weighted error).",
+    )
+    awq_grid: int = Field(20, ge=1, description="AWQ: candidate scale exponents tried per group of linears.")
+    awq_samples: int = Field(8, ge=1, description="AWQ: calibration blocks used in the scale search (each candidate reruns the block on them).")
+    targets: list[str] | None = Field(
+        None,
+        description="Modules to quantize (name, .suffix or re:regex). Default: the decoder-layer linears.",
+        json_schema_extra={"flags": ["--target"], "metavar": "NAME"},
+    )
+    ignore: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_IGNORE),
+        description="Modules to leave alone (name, .suffix or re:regex).",
+        json_schema_extra={"metavar": "NAME"},
+    )
+    overrides: list[Override] = Field(
+        default_factory=list,
+        description="Per-module settings, e.g. 'down_proj:bits=8' or 're:.*\\.0\\..*:skip'; the first match wins.",
+        json_schema_extra={"flags": ["--override"], "metavar": "PATTERN:KEY=VALUE,..."},
+    )
+    format: Literal["dense", "packed"] = Field("dense", description="dense (dequantized, original dtype) or packed (compressed-tensors pack-quantized).")
+    calib: str | None = Field(
+        None, description="Calibration text file or folder (default: the WikiText-2 calibration split of the assets).", json_schema_extra={"metavar": "PATH"}
+    )
+    samples: int = Field(128, ge=1, description="Calibration blocks.")
+    seq_len: int = Field(512, ge=2, description="Tokens per calibration block.")
+    #: four blocks per forward keep the matmuls large and the freed activations small
+    batch_size: int = Field(4, ge=1, description="Calibration blocks per layer forward.")
+    calib_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="dtype of the calibration forwards: auto (float32, the fast one on CPUs without AMX), fp32, bf16 or fp16."
+    )
 
-    @field_validator("bits")
-    @classmethod
-    def _bits(cls, v: int) -> int:
-        if v not in (2, 3, 4, 8):
-            raise ValueError("bits must be 2, 3, 4 or 8")
-        return v
+    _bits = field_validator("bits")(_check_bits)
+    _group_size = field_validator("group_size")(_check_group_size)
 
     @property
     def selection(self) -> Selection:
@@ -88,6 +152,8 @@ class QuantizeConfig(BaseModel):
                     return None
                 values.update({k: v for k, v in override.model_dump(exclude={"match", "skip"}).items() if v is not None})
                 break
+        from compress.grid import QuantGrid
+
         grid = QuantGrid(bits=values["bits"], symmetric=values["symmetric"], group_size=values["group_size"])
         return LinearSettings(method=values["method"], grid=grid)
 

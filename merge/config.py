@@ -11,10 +11,10 @@ allowed ones listed).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from merge.methods import METHODS
 from merge.params import Setting
@@ -92,6 +92,10 @@ class OutputSlice(_Strict):
 
 
 class MergeConfig(_Strict):
+    """A mergekit merge config. ``base_dir`` (not a key) is where relative model paths are also
+    looked for: the folder of the YAML file it came from."""
+
+    _base_dir: Path | None = PrivateAttr(default=None)
     merge_method: str
     models: list[InputModel] | None = None
     slices: list[OutputSlice] | None = None
@@ -133,6 +137,15 @@ class MergeConfig(_Strict):
             raise ValueError("give exactly one of `models` or `slices`, not empty")
         if self.tokenizer_source == "base" and self.base_model is None:
             raise ValueError("tokenizer_source: base needs a base_model")
+        return self
+
+    @property
+    def base_dir(self) -> Path | None:
+        return self._base_dir
+
+    def located_in(self, folder: Path | None) -> MergeConfig:
+        """This config, with relative model paths also looked for in ``folder``."""
+        self._base_dir = folder
         return self
 
     @property
@@ -201,26 +214,50 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(dict.fromkeys(problems))
 
 
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The mapping a YAML merge config file holds, or a one-line error naming the file."""
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise WeightsmithError(path, "no such file") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise WeightsmithError(path, f"not a readable YAML file: {str(exc).splitlines()[0]}") from None
+    if not isinstance(doc, dict):
+        raise WeightsmithError(path, "a merge config is a YAML mapping (merge_method, models or slices, ...)")
+    return doc
+
+
 def load_config(source: str | Path | dict | MergeConfig) -> tuple[MergeConfig, Path | None]:
     """The validated config and the folder relative model paths may also be found in (the YAML
     file's folder), from a YAML path, a parsed dict or a config."""
     if isinstance(source, MergeConfig):
-        return source, None
+        return source, source.base_dir
     where: Path | None = None
     if isinstance(source, dict):
-        doc: Any = source
+        doc: dict[str, Any] = source
     else:
         where = Path(source)
-        try:
-            doc = yaml.safe_load(where.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise WeightsmithError(where, "no such file") from None
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise WeightsmithError(where, f"not a readable YAML file: {str(exc).splitlines()[0]}") from None
-    if not isinstance(doc, dict):
-        raise WeightsmithError(where, "a merge config is a YAML mapping (merge_method, models or slices, ...)")
+        doc = read_config_file(where)
     try:
         config = MergeConfig.model_validate(doc)
     except ValidationError as exc:
         raise WeightsmithError(where, _describe(exc)) from None
     return config, where.parent if where is not None else None
+
+
+class MergeSettings(MergeConfig):
+    """The merge pass's settings: a mergekit config (from the CONFIG file on the command line, or the
+    keys of a recipe step) and how weightsmith runs it."""
+
+    engine: Literal["auto", "numpy", "torch"] = Field(
+        "auto",
+        description="Math engine: numpy (CPU, never loads torch: safetensors bf16/fp16/fp32 inputs with linear, soup, slerp, "
+        "task_arithmetic, dare_linear, dare_ties), torch (every method, input and device), or auto (numpy where it applies). "
+        "Both write the same tensors.",
+    )
+    strict: bool = Field(False, description="Refuse parameters the merge method does not use (default: warn and ignore them, as mergekit does).")
+
+    @staticmethod
+    def describe_error(exc: ValidationError) -> str:
+        """Every problem of a config, mergekit's unsupported keys named as such."""
+        return _describe(exc)

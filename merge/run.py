@@ -16,10 +16,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -28,11 +27,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from merge.chunks import thread_map
-from merge.config import MergeConfig, load_config
+from merge.config import MergeConfig, MergeSettings, load_config
 from merge.plan import Job, Plan, build_plan, open_inputs
 from weightsmith.checkpoint import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter
 from weightsmith.errors import WeightsmithError
+from weightsmith.passes import Report
 from weightsmith.provenance import Record
+from weightsmith.runtime import Runtime, default_threads
 from weightsmith.stformat import DTYPES, is_float
 
 log = logging.getLogger(__name__)
@@ -177,11 +178,6 @@ def _choose_engine(plan: Plan, device: str, engine: str) -> str:
     return "torch"
 
 
-def default_threads() -> int:
-    """One chunk worker per core this process may use, at most 8."""
-    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-
-
 def merge_checkpoints(
     config: str | Path | dict | MergeConfig,
     dest: str | Path,
@@ -248,3 +244,23 @@ def merge_checkpoints(
     report.seconds = time.perf_counter() - start
     log.info("merged %d tensors (%d copied) with %s into %s in %.1f s", report.tensors, report.copied, report.method, dest, report.seconds)
     return report
+
+
+def run(inputs: Sequence[Any], dest: Path, settings: MergeSettings, runtime: Runtime) -> Report:
+    """The merge pass as the registry runs it (:mod:`weightsmith.passes`): the inputs are the
+    models the settings name."""
+    done = merge_checkpoints(
+        settings,
+        dest,
+        force=runtime.force,
+        max_shard_size=runtime.max_shard_size,
+        device=runtime.device,
+        progress=runtime.progress,
+        seed=runtime.seed,
+        allow_pickle=runtime.allow_pickle,
+        threads=runtime.threads,
+        engine=settings.engine,
+        strict=settings.strict,
+    )
+    extra = {k: v for k, v in done.figures().items() if k != "parameters"}
+    return Report("merge", dest, parameters=done.parameters, extra=extra)

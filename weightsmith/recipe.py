@@ -8,9 +8,12 @@ steps:
     group_size: 64
 ```
 
-Unknown keys are errors that name the key, the step and the allowed keys. Runtime options (device,
-shard size, seed, work folder) are CLI flags, not recipe fields. Intermediate outputs go to a work
-folder; the last step writes the destination.
+A step's keys are its pass's settings (:mod:`weightsmith.passes`), validated as the CLI validates
+them; unknown keys are errors that name the key, the step and the allowed keys. Runtime options
+(device, threads, seed, work folder, shard size) are CLI flags, not recipe fields. Intermediate outputs
+go to a work folder; the last step writes the destination. A step that names its own inputs (merge)
+after another step, or in a recipe given an input model, takes that output as ``model: previous``;
+without such a reference the recipe is refused rather than dropping the earlier work.
 """
 
 from __future__ import annotations
@@ -19,48 +22,21 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from weightsmith.checkpoint import Checkpoint
 from weightsmith.errors import WeightsmithError
+from weightsmith.passes import REGISTRY, Inputs, Report, run_pass, settings_from
+from weightsmith.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class PassSpec:
-    """One pass a recipe can name: its settings model and how to run it."""
-
-    settings: type[BaseModel]
-    run: Callable[[Checkpoint | None, Path, BaseModel, dict], dict]
-    #: False for passes that name their own inputs (merge): they ignore the previous step's output.
-    needs_input: bool = True
-
-
-def _run_quantize(src: Checkpoint, dest: Path, settings: BaseModel, runtime: dict) -> dict:
-    from compress.quantize import calibration_tokens, quantize_checkpoint
-
-    tokens = calibration_tokens(src, settings) if settings.calibrated else None
-    report = quantize_checkpoint(src, dest, settings, calib_tokens=tokens, **runtime)
-    return report.figures()
-
-
-def _run_merge(src: Checkpoint | None, dest: Path, settings: BaseModel, runtime: dict) -> dict:
-    from merge.run import merge_checkpoints
-
-    return merge_checkpoints(settings, dest, **runtime).figures()
-
-
-def passes() -> dict[str, PassSpec]:
-    """The pass registry: name in a recipe -> settings model and runner."""
-    from compress.config import QuantizeConfig
-    from merge.config import MergeConfig
-
-    return {"quantize": PassSpec(QuantizeConfig, _run_quantize), "merge": PassSpec(MergeConfig, _run_merge, needs_input=False)}
+#: How a step that names its own inputs (merge) refers to the previous step's output, or to the
+#: recipe's input model when it is the first step.
+PREVIOUS = "previous"
 
 
 def recipe_model(path: Path) -> str | None:
@@ -83,7 +59,7 @@ def preset_path(name: str) -> Path:
 
 
 def load_recipe(path: Path) -> list[tuple[str, BaseModel]]:
-    """Parse and validate a recipe file into (pass name, settings) steps."""
+    """Parse and validate a whole recipe file into (pass name, settings) steps before anything runs."""
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
@@ -92,55 +68,102 @@ def load_recipe(path: Path) -> list[tuple[str, BaseModel]]:
         raise WeightsmithError(path, f"not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(doc, dict) or set(doc) - {"model", "steps"} or not isinstance(doc.get("steps"), list) or not doc["steps"]:
         raise WeightsmithError(path, "a recipe is a mapping with `steps` (a non-empty list of steps) and optionally `model`")
-    registry = passes()
     steps = []
     for i, raw in enumerate(doc["steps"], start=1):
         if not isinstance(raw, dict) or "pass" not in raw:
             raise WeightsmithError(path, f"step {i}: each step is a mapping with a `pass` key")
         fields = dict(raw)
         name = fields.pop("pass")
-        if name not in registry:
-            raise WeightsmithError(path, f"step {i}: unknown pass {name!r}; passes: {', '.join(sorted(registry))}")
-        model = registry[name].settings
-        unknown = sorted(set(fields) - set(model.model_fields))
-        if unknown:
-            allowed = ", ".join(sorted(model.model_fields))
-            raise WeightsmithError(path, f"step {i} ({name}): unknown key {unknown[0]!r}; allowed keys: {allowed}")
-        try:
-            steps.append((name, model(**fields)))
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise WeightsmithError(path, f"step {i} ({name}): {where}: {first['msg']}") from None
+        if name not in REGISTRY:
+            raise WeightsmithError(path, f"step {i}: unknown pass {name!r}; passes: {', '.join(sorted(REGISTRY))}")
+        settings = settings_from(name, fields, path, context=f"step {i} ({name}): ")
+        located_in = getattr(settings, "located_in", None)
+        if located_in is not None:  # relative model paths are also looked for beside the recipe
+            located_in(path.parent)
+        steps.append((name, settings))
     return steps
+
+
+def _with_previous(settings: BaseModel, previous: Path) -> tuple[BaseModel, int]:
+    """``settings`` with every model reference written ``previous`` replaced by ``previous``'s
+    path, and how many there were."""
+    count = 0
+
+    def replace(value: Any) -> Any:
+        nonlocal count
+        if isinstance(value, dict):
+            return {k: replace(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [replace(v) for v in value]
+        if value == PREVIOUS:
+            count += 1
+            return str(previous)
+        return value
+
+    values = replace(settings.model_dump(exclude_unset=True))
+    if not count:
+        return settings, 0
+    changed = type(settings).model_validate(values)
+    base_dir = getattr(settings, "base_dir", None)
+    if base_dir is not None:
+        changed.located_in(base_dir)
+    return changed, count
+
+
+def check_chain(steps: list[tuple[str, BaseModel]], has_model: bool) -> None:
+    """Refuse a recipe that would silently drop work: a step that names its own inputs (merge),
+    placed after a step or given an input model, must use that output as ``model: previous``; a
+    step that takes one input needs something before it; ``previous`` with nothing before it is an
+    error too."""
+    for i, (name, settings) in enumerate(steps, start=1):
+        spec = REGISTRY[name]
+        before = f"step {i - 1}'s output" if i > 1 else "the input model" if has_model else None
+        uses = _with_previous(settings, Path("."))[1]
+        if spec.inputs is Inputs.ONE and before is None:
+            raise WeightsmithError(None, f"step {i} ({name}) needs an input model: pass MODEL or give the recipe a `model` key")
+        if spec.inputs is Inputs.NAMED:
+            if uses and before is None:
+                raise WeightsmithError(None, f"step {i} ({name}) refers to `previous`, but nothing comes before it")
+            if before is not None and not uses:
+                raise WeightsmithError(
+                    None,
+                    f"step {i} ({name}) names its own input models and would drop {before}; "
+                    f"use it as `model: previous` in the step, or remove what comes before",
+                )
 
 
 def run_recipe(
     steps: list[tuple[str, BaseModel]],
     model: Path | None,
     dest: Path,
+    runtime: Runtime | None = None,
     *,
-    force: bool = False,
-    work_dir: Path | None = None,
     on_step: Callable[[int, str], None] | None = None,
-    runtime: dict | None = None,
-) -> list[dict]:
-    """Run the steps in order from ``model``; the last writes ``dest``. Returns each step's figures."""
-    if dest.exists() and not force:
+) -> list[Report]:
+    """Run the steps in order from ``model``; the last writes ``dest``. Returns each step's report.
+    Intermediate outputs live in a temporary folder inside ``runtime.workdir`` (default: the
+    system's temporary folder), removed at the end."""
+    runtime = runtime or Runtime()
+    if dest.exists() and not runtime.force:
         raise WeightsmithError(dest, "already exists; pass --force to overwrite it")
-    registry = passes()
-    if model is None and registry[steps[0][0]].needs_input:
-        raise WeightsmithError(None, f"the first step ({steps[0][0]}) needs an input model: pass MODEL or give the recipe a `model` key")
-    figures = []
-    with tempfile.TemporaryDirectory(prefix="weightsmith-recipe-", dir=work_dir) as work:
-        current = Checkpoint(model) if model is not None else None
+    check_chain(steps, model is not None)
+    reports = []
+    if runtime.workdir is not None:
+        runtime.workdir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="weightsmith-recipe-", dir=runtime.workdir) as work:
+        current = model
         for i, (name, settings) in enumerate(steps, start=1):
             if on_step is not None:
                 on_step(i, name)
             last = i == len(steps)
             out = dest if last else Path(work) / f"step-{i}-{name}"
-            figures.append(registry[name].run(current, out, settings, {"force": force if last else False, **(runtime or {})}))
-            if not last:
-                current = Checkpoint(out)
+            step_runtime = runtime if last else runtime.with_(force=False)
+            if REGISTRY[name].inputs is Inputs.NAMED:
+                if current is not None:
+                    settings = _with_previous(settings, current)[0]
+                reports.append(run_pass(name, [], out, settings, step_runtime))
+            else:
+                reports.append(run_pass(name, [current] if current is not None else [], out, settings, step_runtime))
+            current = out
         shutil.rmtree(work, ignore_errors=True)
-    return figures
+    return reports
