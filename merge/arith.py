@@ -2,8 +2,9 @@
 (:mod:`merge.linear`, :mod:`merge.slerp`, :mod:`merge.task_arithmetic`) and runs on numpy arrays
 (the CPU engine that never imports torch) and on torch tensors (CPU or CUDA).
 
-The methods use the array API standard (https://data-apis.org/array-api/) through
-``array-api-compat``, plus the few operations of :class:`Arith`:
+The methods use the array API standard (https://data-apis.org/array-api/): numpy's own namespace
+(numpy >= 2 implements it), torch's through ``array-api-compat``; plus the few operations of
+:class:`Arith`:
 
 * Values of the compute dtype. Torch computes on tensors of that dtype; every elementwise operation
   is computed in float32 and rounded to the nearest even 16-bit value. numpy has no bfloat16 and is
@@ -30,7 +31,7 @@ import numpy as np
 from merge.chunks import PMap, chunks, serial_map
 from merge.npmath import random_keep, round_to
 
-__all__ = ["Arith", "Array", "Group", "NumpyArith", "TorchArith", "accumulate", "arith_of", "emit_chunks", "whole_group"]
+__all__ = ["Arith", "Array", "Group", "NumpyArith", "TorchArith", "accumulate", "arith_of", "emit_chunks", "vote_sum", "whole_group"]
 
 #: An array of the engine's library (numpy ndarray or torch Tensor).
 Array = Any
