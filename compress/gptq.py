@@ -1,19 +1,24 @@
-"""GPTQ: accurate post-training quantization from second-order information.
+"""GPTQ: quantization that compensates each column's rounding error on the columns not yet rounded.
 
 Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization for Generative
 Pre-trained Transformers", https://arxiv.org/abs/2210.17323.
 
-The layer objective is ``||X W^T - X W_hat^T||^2``, whose Hessian in each row of ``W`` is
-``H = 2 X^T X`` (shared by all rows). Columns are quantized one at a time; the error of each
-column is spread over the not-yet-quantized columns through the inverse Hessian, using the upper
-Cholesky factor of ``H^-1`` and lazy batch updates of ``block_size`` columns (the paper's
-Algorithm 1).
+The layer objective is ``||X W^T - X W_hat^T||^2`` with the Hessian ``H = 2 X^T X`` (one for all rows
+of ``W``). GPTQ is the Optimal-Brain-Surgeon column sweep of :mod:`compress.obs` with a step that
+rounds each column to the grid: the rounding error is spread over the later columns through the
+inverse Hessian, so those columns absorb it before they are rounded in turn. Rounding to nearest
+instead ignores which input channels carry signal, which is what makes it lose on layers whose inputs
+have large, correlated channels. The group scales and zero points are chosen as the sweep reaches
+each group (from the weights as already updated) or up front (per-channel grids, static act-order
+groups), and :func:`hessian_clip_search` can shrink each group's range first by the same layer-output
+error.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -25,41 +30,12 @@ from compress.grid import (
     compute_scale_zero,
     group_min_max,
 )
+from compress.obs import ColumnStep, inverse_cholesky, joint_step, obs_sweep
+from weightsmith.calibkit import accumulate_hessian
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["accumulate_hessian", "gptq_quantize", "hessian_clip_search"]
-
-
-def accumulate_hessian(
-    H: Tensor | None, x: Tensor, n_seen: int, *, dtype: torch.dtype = torch.float32
-) -> tuple[Tensor, int]:
-    """Fold a batch of layer inputs into the running Hessian ``H = 2/n * sum_i x_i x_i^T``.
-
-    ``x`` is ``[..., in]``; every row of the flattened ``[-1, in]`` view is one sample (one token).
-    ``H`` is ``[in, in]`` (``None`` starts a new one in ``dtype``, float32 or float64) and is
-    updated in place, so the caller holds a single ``in x in`` buffer while streaming; the updated
-    ``H`` and the new sample count are returned.
-    """
-    if x.ndim < 1 or x.shape[-1] == 0:
-        raise ValueError(f"expected inputs [..., in], got shape {tuple(x.shape)}")
-    if n_seen < 0:
-        raise ValueError(f"n_seen must be non-negative, got {n_seen}")
-    inp = x.shape[-1]
-    if H is None:
-        if dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"dtype must be float32 or float64, got {dtype}")
-        H = torch.zeros((inp, inp), dtype=dtype, device=x.device)
-    elif H.shape != (inp, inp):
-        raise ValueError(f"H has shape {tuple(H.shape)}, expected {(inp, inp)}")
-    rows = x.reshape(-1, inp).to(H.dtype)
-    n_new = rows.shape[0]
-    if n_new == 0:
-        return H, n_seen
-    total = n_seen + n_new
-    H.mul_(n_seen / total)
-    _add_gram(H, rows, 2.0 / total)
-    return H, total
 
 
 def hessian_clip_search(w: Tensor, H: Tensor, grid: QuantGrid, *, grid_points: int = 20, max_shrink: float = 0.5) -> Tensor:
@@ -73,8 +49,7 @@ def hessian_clip_search(w: Tensor, H: Tensor, grid: QuantGrid, *, grid_points: i
     smaller error. This is the proxy of the AWQ paper's clipping search
     (https://arxiv.org/abs/2306.00978, section 3.3) with the full input covariance GPTQ already
     holds, where the squared weight error (:func:`compress.grid.mse_clip_search`) ignores which
-    input channels carry signal: on SmolLM2-135M at W4 per channel, GPTQ's WikiText-2 perplexity
-    was 43.0 with no clipping, 45.9 with weight-error clipping and 36.2 with this search.
+    input channels carry signal (README's quantization table compares the two).
 
     ``H`` is ``[in, in]`` (any positive multiple of ``X^T X``); returns float32 ``[out, n_groups]``
     for :func:`gptq_quantize`'s ``clip``.
@@ -104,46 +79,6 @@ def hessian_clip_search(w: Tensor, H: Tensor, grid: QuantGrid, *, grid_points: i
     return best_ratio
 
 
-def _add_gram(H: Tensor, rows: Tensor, alpha: float) -> None:
-    """``H += alpha * rows^T rows``, computing only the block rows on and above the diagonal and
-    mirroring the rest (the product is symmetric): 62.5% of the products for four blocks, 25% less
-    time for SmolLM2's 1536-wide down_proj input than one full product."""
-    inp = rows.shape[1]
-    block = max(192, min(384, -(-inp // 3)))
-    if inp < 2 * block:
-        H.addmm_(rows.t(), rows, alpha=alpha)
-        return
-    edges = list(range(0, inp, block)) + [inp]
-    spans = list(zip(edges[:-1], edges[1:]))
-    for i, (a0, a1) in enumerate(spans):
-        H[a0:a1, a0:inp].addmm_(rows[:, a0:a1].t(), rows[:, a0:inp], alpha=alpha)
-        if a1 < inp:
-            H[a1:inp, a0:a1] = H[a0:a1, a1:inp].t()
-
-
-def _inverse_cholesky(H: Tensor, damp: float, max_damp: float) -> Tensor:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, raising damp on failure."""
-    mean_diag = float(torch.diagonal(H).mean())
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    current = damp
-    while True:
-        L, info = torch.linalg.cholesky_ex(H + (current * mean_diag) * eye)
-        if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if int(info) == 0 and bool(torch.isfinite(U).all()):
-                return U
-        if current * 10 > max_damp * (1 + 1e-9):
-            raise ValueError(
-                f"the Hessian is not positive definite even with damp={current:g} "
-                f"(max_damp={max_damp:g}); check the calibration inputs"
-            )
-        logger.warning(
-            "GPTQ: Cholesky failed with damp=%g; retrying with damp=%g", current, current * 10
-        )
-        current *= 10
-
-
 def _effective_block_size(block_size: int, group_size: int) -> int:
     """A block size that is a multiple of the group size, so no group straddles two blocks."""
     return group_size * max(1, block_size // group_size)
@@ -162,6 +97,54 @@ def _round_to(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x if dtype == torch.float32 else x.to(dtype).to(torch.float32)
 
 
+class _GridStep:
+    """GPTQ's column step for :func:`compress.obs.obs_sweep`: round the column to its group's grid
+    and record the codes. A group whose scale is not precomputed gets it when the sweep reaches its
+    first column, from the group's columns of the working block as updated so far (as the reference
+    implementation does); with a mask, pruned weights do not count in that range."""
+
+    def __init__(
+        self,
+        grid: QuantGrid,
+        scales: Tensor,
+        zeros: Tensor,
+        proc_group: Tensor,
+        *,
+        precomputed: bool,
+        ratio: Tensor | None,
+        mask: Tensor | None,
+    ) -> None:
+        out, inp = scales.shape[0], proc_group.shape[0]
+        self.grid = grid
+        self.scales, self.zeros = scales, zeros
+        self.ratio, self.mask = ratio, mask
+        self.precomputed = precomputed
+        self.gs = grid.effective_group_size(inp)
+        self.codes = torch.empty((out, inp), dtype=torch.uint8, device=scales.device)
+        # Per-group scale and zero columns in float32, indexed by processing position (a Python
+        # list, so the sweep does no tensor indexing or device sync per column).
+        self.group_of = proc_group.tolist()
+        self.cols: list[tuple[Tensor, Tensor]] = _group_columns(scales, zeros) if precomputed else []
+
+    def _set_group(self, g: int, cols: Tensor, k: int) -> None:
+        if self.mask is not None:
+            cols = cols.masked_fill(self.mask[:, k : k + cols.shape[1]], 0.0)
+        lo, hi = cols.amin(dim=1, keepdim=True), cols.amax(dim=1, keepdim=True)
+        if self.ratio is not None:
+            lo, hi = lo * self.ratio[:, g : g + 1], hi * self.ratio[:, g : g + 1]
+        s, z = compute_scale_zero(lo, hi, self.grid, self.scales.dtype)
+        self.scales[:, g : g + 1], self.zeros[:, g : g + 1] = s, z
+        self.cols.append(_group_columns(self.scales[:, g : g + 1], self.zeros[:, g : g + 1])[0])
+
+    def __call__(self, block: Tensor, i: int, k: int) -> Tensor:
+        if not self.precomputed and k % self.gs == 0:
+            self._set_group(k // self.gs, block[:, i : min(i + self.gs, block.shape[1])], k)
+        s_col, z_col = self.cols[self.group_of[k]]
+        q = torch.round(block[:, i] / s_col).add_(z_col).clamp_(0, self.grid.maxq)
+        self.codes[:, k] = q
+        return _round_to(q.sub_(z_col).mul_(s_col), self.scales.dtype)
+
+
 def gptq_quantize(
     w: Tensor,
     hessian: Tensor,
@@ -173,6 +156,8 @@ def gptq_quantize(
     act_order: bool = False,
     static_groups: bool = True,
     clip: Tensor | None = None,
+    mask: Tensor | None = None,
+    prune: Callable[[Tensor], ColumnStep] | None = None,
 ) -> tuple[QuantizedTensor, float]:
     """Quantize ``w`` ``[out, in]`` with GPTQ given the input Hessian ``[in, in]``.
 
@@ -183,15 +168,22 @@ def gptq_quantize(
       weight column 0, so they quantize to exactly 0.
     * Groups: contiguous groups of ``group_size`` columns (a shorter last group when it does not
       divide ``in``). Without act-order a group's scale and zero point are computed when the sweep
-      reaches its first column, from the weights as already updated by the earlier columns' errors
-      (as the reference implementation does); a per-channel grid takes its scales from the
-      original weights. ``clip`` (``[out, n_groups]``, from
-      :func:`compress.grid.mse_clip_search`) shrinks each group's range.
-    * ``act_order``: columns are processed by descending Hessian diagonal. With ``static_groups``
-      (default) every group's scale and zero point are computed up front from the original weights
-      in the original column order, so column ``j`` stays in group ``j // group_size`` and the
-      result needs no ``g_idx``. Without static groups, groups are formed in processing order and
-      the result carries a ``g_idx`` (``clip`` is then refused, its groups would not match).
+      reaches its first column, from the weights as already updated by the earlier columns' errors;
+      a per-channel grid takes its scales from the original weights. ``clip`` (``[out, n_groups]``,
+      from :func:`hessian_clip_search` or :func:`compress.grid.mse_clip_search`) shrinks each
+      group's range.
+    * ``act_order``: columns are processed by descending Hessian diagonal, so the channels that
+      carry most signal are rounded while the most columns remain to absorb their error. With
+      ``static_groups`` (default) every group's scale and zero point are computed up front from the
+      original weights in the original column order, so column ``j`` stays in group
+      ``j // group_size`` and the result needs no ``g_idx``. Without static groups, groups are
+      formed in processing order and the result carries a ``g_idx`` (``clip`` is then refused, its
+      groups would not match).
+    * ``mask`` (bool ``[out, in]``, True = pruned): those weights come out exactly 0 and the error
+      of zeroing them is compensated like a rounding error (:func:`compress.obs.obs_sweep`).
+    * ``prune``: joint sparse + quantized GPTQ. Given ``diag(U)`` in processing order it returns a
+      prune step (e.g. ``lambda d: compress.obs.prune_step(d, 0.5)``); each column is pruned, then
+      rounded.
 
     The factorization and the sweep run in float32 on ``w``'s device (a float64 Hessian is cast);
     ``w`` and ``hessian`` are not modified.
@@ -216,6 +208,8 @@ def gptq_quantize(
         raise ValueError(f"block_size must be positive, got {block_size}")
     if not bool(torch.isfinite(hessian).all()):
         raise ValueError("the Hessian contains NaN or infinite values")
+    if mask is not None and (mask.shape != w.shape or mask.dtype != torch.bool):
+        raise ValueError(f"mask must be a bool tensor of shape {tuple(w.shape)}, got {mask.dtype} {tuple(mask.shape)}")
     n_groups = grid.n_groups(inp)
     gs = grid.effective_group_size(inp)
     dynamic_groups = act_order and not static_groups
@@ -235,22 +229,17 @@ def gptq_quantize(
         H[dead, dead] = 1.0
         W[:, dead] = 0.0
     ratio = None if clip is None else clip.to(device=device, dtype=torch.float32)
+    if mask is not None:
+        mask = mask.to(device)
 
     scales = torch.empty((out, n_groups), dtype=w.dtype, device=device)
     zeros = torch.empty((out, n_groups), dtype=torch.uint8, device=device)
     col_group = grid.group_index(inp, device=device)
 
-    def set_group(g: int, cols: Tensor) -> None:
-        lo, hi = cols.amin(dim=1, keepdim=True), cols.amax(dim=1, keepdim=True)
-        if ratio is not None:
-            lo, hi = lo * ratio[:, g : g + 1], hi * ratio[:, g : g + 1]
-        s, z = compute_scale_zero(lo, hi, grid, w.dtype)
-        scales[:, g : g + 1], zeros[:, g : g + 1] = s, z
-
     # Per-channel grids and static act-order groups take their parameters from the original weights.
     precomputed = grid.group_size == -1 or (act_order and static_groups)
     if precomputed:
-        lo, hi = group_min_max(W, col_group, n_groups)
+        lo, hi = group_min_max(W if mask is None else W.masked_fill(mask, 0.0), col_group, n_groups)
         if ratio is not None:
             lo, hi = lo * ratio, hi * ratio
         scales, zeros = compute_scale_zero(lo, hi, grid, w.dtype)
@@ -259,47 +248,23 @@ def gptq_quantize(
         perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
         W = W[:, perm]
         H = H[perm][:, perm]
+        if mask is not None:
+            mask = mask[:, perm]
     else:
         perm = torch.arange(inp, device=device)
     # group of the column at each processing position
     proc_group = col_group[perm] if precomputed else torch.arange(inp, device=device) // gs
 
-    U = _inverse_cholesky(H, damp, max_damp)
+    U = inverse_cholesky(H, damp, max_damp)
     del H
 
-    Q = torch.empty((out, inp), dtype=torch.uint8, device=device)
-    losses = torch.zeros(out, dtype=torch.float64, device=device)
+    rounding = _GridStep(grid, scales, zeros, proc_group, precomputed=precomputed, ratio=ratio, mask=mask)
+    step: ColumnStep = rounding if prune is None else joint_step(prune(torch.diagonal(U)), rounding)
     bs = block_size if precomputed else _effective_block_size(block_size, gs)
-    # Per-group scale and zero columns in float32, indexed by processing position (a Python list, so
-    # the sweep does no tensor indexing or device sync per column).
-    group_of = proc_group.tolist()
-    cols: list[tuple[Tensor, Tensor]] = _group_columns(scales, zeros) if precomputed else []
-    diag = torch.diagonal(U).tolist()
-    for i1 in range(0, inp, bs):
-        i2 = min(i1 + bs, inp)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.empty_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            k = i1 + i
-            if not precomputed and k % gs == 0:
-                set_group(k // gs, W1[:, i : min(i + gs, i2 - i1)])
-                cols.append(_group_columns(scales[:, k // gs : k // gs + 1], zeros[:, k // gs : k // gs + 1])[0])
-            s_col, z_col = cols[group_of[k]]
-            col = W1[:, i]
-            q = torch.round(col / s_col).add_(z_col).clamp_(0, grid.maxq)
-            Q[:, k] = q
-            err = Err1[:, i]
-            torch.sub(col, _round_to(q.sub_(z_col).mul_(s_col), scales.dtype), out=err)
-            err.div_(diag[k])
-            if i + 1 < i2 - i1:
-                W1[:, i + 1 :].addr_(err, U1[i, i + 1 :], alpha=-1.0)
-        losses += Err1.to(torch.float64).square().sum(dim=1) / 2
-        if i2 < inp:
-            W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
+    _, losses = obs_sweep(W, U, step, block_size=bs, mask=mask)
 
     inverse = torch.argsort(perm)
-    codes = Q[:, inverse].contiguous()
+    codes = rounding.codes[:, inverse].contiguous()
     g_idx = None
     if dynamic_groups and n_groups > 1:
         g_idx = proc_group[inverse].contiguous()

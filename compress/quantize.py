@@ -19,10 +19,11 @@ from torch import nn
 
 from compress.awq import awq_clip_ratios, fold_scales_into_linear, fold_scales_into_norm, scale_input_channels, search_awq_scales
 from compress.config import GPTQ_QUANTIZER, SCALED, LinearSettings, QuantizeConfig
-from compress.gptq import accumulate_hessian, gptq_quantize, hessian_clip_search
+from compress.gptq import gptq_quantize, hessian_clip_search
 from compress.grid import QuantGrid, QuantizedTensor, mse_clip_search, quantize
 from compress.pack import quantization_config, ragged_group_reason, to_compressed_tensors
 from weightsmith.arch import ARCHITECTURES, Arch, ScaleGroup
+from weightsmith.calibkit import LayerInputs, input_statistics, layer_batches, write_layer
 from weightsmith.calibrate import LayerStep, LayerwiseRunner, get_module, input_hooks, layer_output
 from weightsmith.checkpoint import Checkpoint, CheckpointWriter
 from weightsmith.errors import WeightsmithError
@@ -207,10 +208,10 @@ def _quantize_layer(
     mine = {lin: linears[step.prefix + lin] for lin in arch.linears if step.prefix + lin in linears}
     clip_inputs = _apply_awq(step, arch, config, mine) if any(s.method in SCALED for s in mine.values()) else {}
     # after AWQ's folding, so that awq_gptq's Hessians are those of the scaled inputs
-    hessians = _hessians(step, [lin for lin, s in mine.items() if s.method in GPTQ_QUANTIZER])
+    inputs = input_statistics(step, {lin: ("hessian",) for lin, s in mine.items() if s.method in GPTQ_QUANTIZER})
     quantized: dict[str, QuantizedTensor] = {}
-    for names in _gptq_batches(mine, hessians, step.prefix, src):
-        quantized.update(_gptq_together(step, names, hessians[names[0]], mine[names[0]].grid, config, src.info(f"{step.prefix}{names[0]}.weight").dtype, report))
+    for names in _gptq_batches(mine, inputs, step.prefix, src):
+        quantized.update(_gptq_together(step, names, inputs[names[0]].hessian, mine[names[0]].grid, config, src.info(f"{step.prefix}{names[0]}.weight").dtype, report))
     for lin, settings in mine.items():
         if lin in quantized:
             continue
@@ -226,14 +227,14 @@ def _quantize_layer(
     return quantized
 
 
-def _gptq_batches(mine: dict[str, LinearSettings], hessians: dict[str, torch.Tensor], prefix: str, src: Checkpoint) -> list[list[str]]:
-    """The GPTQ linears of a layer in batches that share one Hessian (the same input), grid and
+def _gptq_batches(mine: dict[str, LinearSettings], inputs: LayerInputs, prefix: str, src: Checkpoint) -> list[list[str]]:
+    """The GPTQ linears of a layer in batches that share one input (so one Hessian), grid and
     stored dtype: GPTQ treats every output row alike given the Hessian, so a batch is quantized as
     one stacked weight, one column sweep for q/k/v and one for gate/up."""
     batches: dict[tuple, list[str]] = {}
     for lin, settings in mine.items():
         if settings.method in GPTQ_QUANTIZER:
-            key = (id(hessians[lin]), settings.grid, src.info(f"{prefix}{lin}.weight").dtype)
+            key = (id(inputs[lin]), settings.grid, src.info(f"{prefix}{lin}.weight").dtype)
             batches.setdefault(key, []).append(lin)
     return list(batches.values())
 
@@ -258,62 +259,6 @@ def _gptq_together(
     return out
 
 
-def _batches(step: LayerStep, limit: int | None = None):
-    """(hidden, kwargs) pairs of the layer's inputs, the first ``limit`` samples at most."""
-    seen = 0
-    for hidden, kwargs in zip(step.inputs.hidden, step.inputs.kwargs):
-        if limit is not None and seen >= limit:
-            return
-        yield hidden, kwargs
-        seen += hidden.shape[0]
-
-
-@torch.inference_mode()
-def _hessians(step: LayerStep, names: list[str]) -> dict[str, torch.Tensor]:
-    """GPTQ's input Hessians of the named linears, from one pass over the calibration batches.
-    Linears fed the very same input tensor (q/k/v, gate/up) share one Hessian, computed once."""
-    if not names:
-        return {}
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    shares: dict[str, str] = {}
-    # The last input seen and the linear that consumed it. Holding the tensor keeps its memory from
-    # being reused, so equal storage address, shape and strides mean the very same input.
-    last: list = [None, None]
-    # The order the linears run in, learnt on the first batch; later batches stop the layer once
-    # the last of them has its input (its own matmul and the rest of the layer are not needed).
-    order: list[str] = []
-    stop_at: list[str | None] = [None]
-
-    def collect(name: str, x: torch.Tensor) -> None:
-        if stop_at[0] is None:
-            order.append(name)
-        prev = last[0]
-        if prev is not None and (prev.data_ptr(), prev.shape, prev.stride()) == (x.data_ptr(), x.shape, x.stride()):
-            shares.setdefault(name, last[1])
-        else:
-            last[0], last[1] = x, name
-            sums[name], counts[name] = accumulate_hessian(sums.get(name), x, counts.get(name, 0))
-        if name == stop_at[0]:
-            raise _LastInputSeen
-
-    with input_hooks(step.module, tuple(names), collect):
-        for hidden, kwargs in _batches(step):
-            try:
-                step.module(hidden, **kwargs)
-            except _LastInputSeen:
-                pass
-            if stop_at[0] is None and order and order.count(order[-1]) == 1:
-                stop_at[0] = order[-1]
-            order.clear()
-            last[0] = None
-    return {name: sums[shares.get(name, name)] for name in names}
-
-
-class _LastInputSeen(Exception):
-    """Raised by the Hessian hooks once the layer's last quantized linear has its input."""
-
-
 @torch.inference_mode()
 def _apply_awq(step: LayerStep, arch: Arch, config: QuantizeConfig, mine: dict[str, LinearSettings]) -> dict[str, torch.Tensor]:
     """Search and fold AWQ scales for every scale group whose linears all use AWQ; returns the
@@ -336,7 +281,7 @@ def _apply_awq(step: LayerStep, arch: Arch, config: QuantizeConfig, mine: dict[s
         if group.block:
             hooks.append(get_module(step.module, group.block).register_forward_pre_hook(record_call(group.block), with_kwargs=True))
     with input_hooks(step.module, tuple(g.linears[0] for g in groups), lambda name, x: inputs.setdefault(name, []).append(x)):
-        for hidden, kwargs in _batches(step, config.awq_samples):
+        for hidden, kwargs in layer_batches(step, config.awq_samples):
             step.module(hidden, **kwargs)
     for handle in hooks:
         handle.remove()
@@ -353,7 +298,7 @@ def _awq_group(step: LayerStep, group: ScaleGroup, x: torch.Tensor, calls: list[
     if group.needs_equal_width and prev.weight.shape[0] != mods[0].weight.shape[1]:
         return {}
     block = get_module(step.module, group.block) if group.block else mods[0]
-    sizes = [h.shape[0] for h, _ in _batches(step, None)][: len(calls)] if calls else [x.shape[0]]
+    sizes = [h.shape[0] for h, _ in layer_batches(step)][: len(calls)] if calls else [x.shape[0]]
 
     def block_fn(inp: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
         saved = [m.weight.data for m in mods]
@@ -384,19 +329,11 @@ def _awq_group(step: LayerStep, group: ScaleGroup, x: torch.Tensor, calls: list[
 def _write_layer(step: LayerStep, src: Checkpoint, writer: CheckpointWriter, quantized: dict[str, QuantizedTensor], fmt: str, report: QuantReport) -> None:
     """Write one layer: its quantized linears in the chosen format, its other parameters (norms AWQ may
     have rescaled) from the module, and any other stored tensor of the layer unchanged."""
-    params = dict(step.module.named_parameters())
-    for name in src.names():
-        if not name.startswith(step.prefix):
-            continue
-        local = name[len(step.prefix) :]
-        module = module_of(local)
-        dtype = src.info(name).dtype
-        if module in quantized:
-            emit(writer, step.prefix + module, quantized[module], dtype, fmt, report)
-        elif local in params:
-            writer.add(name, params[local].data.to(dtype))
-        else:
-            writer.copy_from(src, name)
+
+    def emitter(q: QuantizedTensor) -> Callable[[str, torch.dtype], None]:
+        return lambda module, dtype: emit(writer, module, q, dtype, fmt, report)
+
+    write_layer(step, src, writer, {lin: emitter(q) for lin, q in quantized.items()})
 
 
 def calibration_dtype(config: QuantizeConfig) -> torch.dtype:

@@ -183,7 +183,7 @@ def test_gptq_raises_damp_on_a_singular_hessian(caplog: pytest.LogCaptureFixture
     eigen[8] = -0.05
     H = basis @ torch.diag(eigen) @ basis.T
     w = _weight(16, 64)
-    with caplog.at_level(logging.WARNING, logger="compress.gptq"):
+    with caplog.at_level(logging.WARNING, logger="compress.obs"):
         q, loss = gptq_quantize(w, H, QuantGrid(4, True, 32), damp=1e-4)
     retries = [r for r in caplog.records if "Cholesky failed" in r.getMessage()]
     assert len(retries) >= 1

@@ -197,27 +197,3 @@ def test_quantize_cli_bad_settings_are_one_line(models, tmp_path, cli):
     result = cli("quantize", models["llama"], tmp_path / "q", "--method", "gptq", "--calib", tmp_path / "none.txt")
     assert result.exit_code == 2 and f"{tmp_path / 'none.txt'}: no such file or folder" in result.stderr
     assert not (tmp_path / "q").exists()
-
-
-def test_shared_hessians_equal_per_linear_hessians(models):
-    from compress.gptq import accumulate_hessian
-    from compress.quantize import _hessians
-    from weightsmith.calibrate import LayerwiseRunner, input_hooks
-
-    src = Checkpoint(models["llama"])
-    runner = LayerwiseRunner(src, calib(src.folder, n=6), batch_size=2)
-    step = next(iter(runner))
-    names = list(runner.arch.linears)
-    shared = _hessians(step, names)
-    ref: dict = {}
-
-    def collect(name, x):
-        ref[name] = accumulate_hessian(ref.get(name, (None, 0))[0], x.clone(), ref.get(name, (None, 0))[1])
-
-    with input_hooks(step.module, tuple(names), collect), torch.inference_mode():
-        for hidden, kwargs in zip(step.inputs.hidden, step.inputs.kwargs):
-            step.module(hidden, **kwargs)
-    for name in names:
-        assert torch.allclose(shared[name], ref[name][0], rtol=1e-5, atol=1e-6), name
-    assert shared["self_attn.q_proj"] is shared["self_attn.v_proj"] and shared["mlp.gate_proj"] is shared["mlp.up_proj"]
-    assert not torch.allclose(shared["self_attn.o_proj"], shared["mlp.gate_proj"])

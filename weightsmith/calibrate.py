@@ -189,7 +189,6 @@ class LayerwiseRunner:
         self.device = device
         self.model = build_skeleton(ckpt.folder)
         self.layers = get_module(self.model, self.arch.layers)
-        self.final_hidden: list[torch.Tensor] = []
 
     @property
     def num_layers(self) -> int:
@@ -204,4 +203,3 @@ class LayerwiseRunner:
             yield step
             advance(layer, inputs)
             unload_params(layer)
-        self.final_hidden = inputs.hidden

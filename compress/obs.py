@@ -1,0 +1,164 @@
+"""The Optimal-Brain-Surgeon column sweep that GPTQ and SparseGPT share, as pure functions.
+
+Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ", https://arxiv.org/abs/2210.17323 (Algorithm 1), and
+Frantar, Alistarh, "SparseGPT", https://arxiv.org/abs/2301.00774 (Algorithm 1).
+
+For a linear layer with inputs ``X`` the objective ``||X W^T - X W_hat^T||^2`` has the Hessian
+``H = 2 X^T X`` in every row of ``W``. The sweep fixes the columns of ``W`` one at a time; each
+column's change ``w - q`` is divided by the diagonal of ``U`` (the upper Cholesky factor of
+``H^-1``) and subtracted, through ``U``'s row, from the columns not yet fixed, which is the OBS update
+restricted to the columns that are still free. The two papers differ only in what a column becomes:
+GPTQ rounds it to a grid, SparseGPT sets a chosen part of it to zero, and doing both gives joint
+sparse + quantized weights. That choice is the ``step`` argument of :func:`obs_sweep`.
+
+Updates are applied lazily in blocks of ``block_size`` columns: inside a block column by column,
+then to the rest of the matrix with one matrix product per block.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ColumnStep", "inverse_cholesky", "joint_step", "obs_sweep", "prune_step"]
+
+ColumnStep = Callable[[Tensor, int, int], Tensor]
+"""``step(block, i, k) -> column``: what column ``k`` of the sweep (``i`` inside the current block)
+becomes. ``block`` is the float32 working copy ``[out, width]`` of the current block's columns,
+already updated by every earlier column; a step reads it (e.g. a group's range, or the scores of a
+block's prune mask) and must not modify it. Returns the new float32 column ``[out]``."""
+
+
+def inverse_cholesky(H: Tensor, damp: float, max_damp: float) -> Tensor:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``.
+
+    When the factorization fails, damp is multiplied by 10 (a warning is logged) until it would
+    exceed ``max_damp``, then ``ValueError``.
+    """
+    mean_diag = float(torch.diagonal(H).mean())
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    current = damp
+    while True:
+        L, info = torch.linalg.cholesky_ex(H + (current * mean_diag) * eye)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0 and bool(torch.isfinite(U).all()):
+                return U
+        if current * 10 > max_damp * (1 + 1e-9):
+            raise ValueError(
+                f"the Hessian is not positive definite even with damp={current:g} "
+                f"(max_damp={max_damp:g}); check the calibration inputs"
+            )
+        logger.warning("OBS sweep: Cholesky failed with damp=%g; retrying with damp=%g", current, current * 10)
+        current *= 10
+
+
+def obs_sweep(
+    W: Tensor, U: Tensor, step: ColumnStep, *, block_size: int = 128, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Fix the columns of ``W`` ``[out, in]`` left to right with ``step``, compensating each change
+    on the columns not yet fixed through ``U`` (:func:`inverse_cholesky` of the Hessian, both in the
+    processing order).
+
+    ``mask`` (bool ``[out, in]``, True = pruned) keeps pruned weights at zero: a masked weight takes
+    the compensation of earlier columns like any other until its column is reached, is then set to
+    exactly 0 before ``step`` sees it, and its value is compensated on the later columns in turn
+    (the order SparseGPT uses). Every masked weight of the result is exactly 0.
+
+    Returns the swept weights (float32 ``[out, in]``, the columns the steps returned) and the OBS
+    loss per row, float64 ``[out]``: ``sum_j (w_j - q_j)^2 / (2 U_jj^2)``, the paper's per-column
+    error. ``W``, ``U`` and ``mask`` are not modified.
+    """
+    if W.ndim != 2:
+        raise ValueError(f"expected a weight [out, in], got shape {tuple(W.shape)}")
+    out, inp = W.shape
+    if U.shape != (inp, inp):
+        raise ValueError(f"U has shape {tuple(U.shape)}, expected {(inp, inp)}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    if mask is not None and mask.shape != W.shape:
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(W.shape)}")
+    W = W.to(torch.float32).clone()
+    losses = torch.zeros(out, dtype=torch.float64, device=W.device)
+    diag = torch.diagonal(U).tolist()
+    for i1 in range(0, inp, block_size):
+        i2 = min(i1 + block_size, inp)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.empty_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            k = i1 + i
+            col = W1[:, i]
+            if mask is not None:
+                col = col.clone()
+                W1[:, i].masked_fill_(mask[:, k], 0.0)
+            q = step(W1, i, k)
+            if mask is not None:
+                q = q.masked_fill(mask[:, k], 0.0)
+            err = Err1[:, i]
+            torch.sub(col, q, out=err)
+            W[:, k] = q
+            err.div_(diag[k])
+            if i + 1 < i2 - i1:
+                W1[:, i + 1 :].addr_(err, U1[i, i + 1 :], alpha=-1.0)
+        losses += Err1.to(torch.float64).square().sum(dim=1) / 2
+        if i2 < inp:
+            W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
+    return W, losses
+
+
+def prune_step(d: Tensor, sparsity: float = 0.0, *, n_m: tuple[int, int] | None = None) -> ColumnStep:
+    """SparseGPT's step: zero the weights with the smallest OBS saliency ``w^2 / U_jj^2``.
+
+    ``d`` is ``diag(U)`` in the processing order. Unstructured (``sparsity``): at the start of each
+    block, every row's ``round(sparsity * width)`` least salient weights of the block are chosen, so
+    each row of each block ends exactly that sparse. ``n_m = (n, m)``: every ``m`` consecutive
+    columns, each row's ``n`` least salient of them (N:M sparsity; the block size and the width must
+    be multiples of ``m``). Saliency is measured on the block as updated when the choice is made.
+    The mask chosen for a row and block is fixed; the column is returned with those weights zeroed.
+    """
+    if n_m is None and not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}")
+    if n_m is not None and not 0 < n_m[0] < n_m[1]:
+        raise ValueError(f"n_m must be (n, m) with 0 < n < m, got {n_m}")
+    d2 = d.to(torch.float32).square()
+    chosen: list[Tensor] = []
+
+    def step(block: Tensor, i: int, k: int) -> Tensor:
+        span = block.shape[1] if n_m is None else n_m[1]
+        if i % span == 0:
+            if n_m is not None and block.shape[1] % span:
+                raise ValueError(f"N:M sparsity needs blocks of a multiple of {span} columns, got {block.shape[1]}")
+            part = block[:, i : i + span]
+            n = n_m[0] if n_m is not None else math.floor(sparsity * span + 0.5)
+            saliency = part.square() / d2[k : k + span]
+            mask = torch.zeros_like(part, dtype=torch.bool)
+            if n > 0:
+                mask.scatter_(1, torch.topk(saliency, n, dim=1, largest=False).indices, True)
+            chosen[:] = [mask]
+        return block[:, i].masked_fill(chosen[0][:, i % span], 0.0)
+
+    return step
+
+
+def joint_step(prune: ColumnStep, then: ColumnStep) -> ColumnStep:
+    """``prune`` then ``then`` on the pruned column (joint sparse + quantized weights: SparseGPT's
+    section 3.5). ``then`` sees the block with this column pruned; the block is restored after. A
+    grid step keeps pruned zeros at 0 when 0 is on its grid (true for every :class:`QuantGrid`)."""
+
+    def step(block: Tensor, i: int, k: int) -> Tensor:
+        original = block[:, i].clone()
+        block[:, i] = prune(block, i, k)
+        try:
+            return then(block, i, k)
+        finally:
+            block[:, i] = original
+
+    return step
