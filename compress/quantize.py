@@ -24,7 +24,7 @@ from compress.grid import QuantGrid, QuantizedTensor, mse_clip_search, quantize
 from compress.pack import quantization_config, ragged_group_reason, to_compressed_tensors
 from weightsmith.arch import ARCHITECTURES, Arch, ScaleGroup
 from weightsmith.calibkit import LayerInputs, input_statistics, layer_batches, write_layer
-from weightsmith.calibrate import LayerStep, LayerwiseRunner, get_module, input_hooks, layer_output
+from weightsmith.calibrate import LayerStep, LayerwiseRunner, get_module, input_hooks, layer_output, require_finite
 from weightsmith.checkpoint import Checkpoint, CheckpointWriter
 from weightsmith.errors import WeightsmithError
 from weightsmith.provenance import Record
@@ -160,12 +160,19 @@ def _rtn(w: torch.Tensor, grid: QuantGrid, clip: bool, dtype: torch.dtype, impor
     return quantize(w, grid, ratios)
 
 
+def _rtn_stored(src: Checkpoint, name: str, grid: QuantGrid, clip: bool) -> QuantizedTensor:
+    """RTN of the stored weight ``name``; a weight holding NaN or an infinity is refused by name."""
+    w = src.get(name)
+    require_finite(src, name, w)
+    return _rtn(w, grid, clip, src.info(name).dtype)
+
+
 def _streaming(src: Checkpoint, writer: CheckpointWriter, config: QuantizeConfig, linears: dict[str, LinearSettings], report: QuantReport, progress: Progress | None) -> None:
     names = src.names()
     for i, name in enumerate(names):
         module = module_of(name)
         if module in linears:
-            q = _rtn(src.get(name), linears[module].grid, config.clip, src.info(name).dtype)
+            q = _rtn_stored(src, name, linears[module].grid, config.clip)
             emit(writer, module, q, src.info(name).dtype, config.format, report)
         else:
             writer.copy_from(src, name)
@@ -189,7 +196,7 @@ def _layerwise(
         if not name.startswith(layer_prefixes):
             module = module_of(name)
             if module in linears:  # a selected weight outside the decoder layers (e.g. lm_head): RTN
-                q = _rtn(src.get(name), linears[module].grid, config.clip, src.info(name).dtype)
+                q = _rtn_stored(src, name, linears[module].grid, config.clip)
                 emit(writer, module, q, src.info(name).dtype, config.format, report)
             else:
                 writer.copy_from(src, name)

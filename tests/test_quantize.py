@@ -197,3 +197,28 @@ def test_quantize_cli_bad_settings_are_one_line(models, tmp_path, cli):
     result = cli("quantize", models["llama"], tmp_path / "q", "--method", "gptq", "--calib", tmp_path / "none.txt")
     assert result.exit_code == 2 and f"{tmp_path / 'none.txt'}: no such file or folder" in result.stderr
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize(("method", "tensor"), [
+    ("rtn", "model.layers.1.mlp.down_proj.weight"),
+    ("gptq", "model.layers.1.mlp.down_proj.weight"),
+    ("awq", "model.layers.0.self_attn.q_proj.weight"),
+    ("gptq", "model.layers.1.post_attention_layernorm.weight"),
+    ("awq_gptq", "model.embed_tokens.weight"),
+])
+def test_a_non_finite_weight_is_one_line_naming_the_file_and_tensor(models, tmp_path, cli, method, tensor):
+    from weightsmith.checkpoint import CheckpointWriter
+
+    src = Checkpoint(models["llama"])
+    with CheckpointWriter(tmp_path / "bad", source=src.folder) as writer:
+        for name in src.names():
+            t = src.get(name).clone()
+            if name == tensor:
+                t.view(-1)[3] = float("nan") if method != "awq" else float("inf")
+            writer.add(name, t)
+    result = cli("quantize", tmp_path / "bad", tmp_path / "q", "--method", method, "--group-size", "32", "--calib", SAMPLE_TEXT, "--samples", "4", "--seq-len", "16")
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"{tmp_path / 'bad' / 'model.safetensors'}: tensor '{tensor}' holds NaN or infinite values" in lines[0]
+    assert not (tmp_path / "q").exists()

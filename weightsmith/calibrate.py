@@ -59,9 +59,17 @@ def load_params(module: nn.Module, prefix: str, ckpt: Checkpoint, dtype: torch.d
         tensor = ckpt.get(full)
         if tuple(tensor.shape) != tuple(param.shape):
             raise WeightsmithError(ckpt.folder, f"tensor {full!r} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}")
+        require_finite(ckpt, full, tensor)
         owner_path, _, leaf = name.rpartition(".")
         owner = get_module(module, owner_path) if owner_path else module
         owner._parameters[leaf] = nn.Parameter(tensor.to(device=device, dtype=dtype, copy=True), requires_grad=False)
+
+
+def require_finite(ckpt: Checkpoint, name: str, tensor: torch.Tensor) -> None:
+    """Refuse a floating-point tensor holding NaN or an infinity: calibration and quantization
+    cannot give it a meaning, and it would poison every statistic measured after it."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise WeightsmithError(ckpt.info(name).file, f"tensor {name!r} holds NaN or infinite values")
 
 
 def unload_params(module: nn.Module) -> None:
