@@ -328,3 +328,68 @@ def test_unknown_tensor_is_refused(tiny64, tmp_path):
     assert "blk.1.ffn_up.weight" in reader.tensors
     with pytest.raises(WeightsmithError, match=r"tensor 'blk\.1\.ffn_xx\.weight' has no Hugging Face counterpart"):
         convert_gguf(bad, tmp_path / "out")
+
+
+def write_sentencepiece_gguf(dest: Path, arch: str, add_bos: bool | None) -> list[str]:
+    """A one-layer model of ``arch`` whose vocabulary is sentencepiece-style (scores, byte tokens,
+    no merges), as llama.cpp writes Llama 2 and Gemma vocabularies."""
+    letters = "thecaosnm"
+    words = ["▁the", "▁cat", "▁sat", "▁on", "▁mat", "▁", "  ", *letters, "th", "the", "▁t", "▁th", "at", "▁c", "▁ca", "▁s", "▁sa", "▁o", "▁m", "▁ma"]
+    tokens = ["<pad>", "<bos>", "<eos>", "<unk>"] + [f"<0x{i:02X}>" for i in range(256)] + words
+    # scores deliberately out of file order for a few tokens: Gemma ranks merges by position instead
+    scores = [0.0] * 260 + [-float((i * 7) % len(words)) for i in range(len(words))]
+    writer = gguf.GGUFWriter(str(dest), arch)
+    writer.add_context_length(64)
+    writer.add_embedding_length(32)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(64)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_key_length(8)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types([3, 3, 3, 2] + [6] * 256 + [1] * len(words))
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(3)
+    writer.add_pad_token_id(0)
+    if add_bos is not None:
+        writer.add_add_bos_token(add_bos)
+    names = gguf.get_tensor_name_map(GGUF_ARCH[arch], 1)
+    rng = np.random.default_rng(0)
+    shapes = {"model.embed_tokens": (len(tokens), 32), "model.norm": (32,), "model.layers.0.input_layernorm": (32,),
+              "model.layers.0.self_attn.q_proj": (32, 32), "model.layers.0.self_attn.k_proj": (16, 32), "model.layers.0.self_attn.v_proj": (16, 32),
+              "model.layers.0.self_attn.o_proj": (32, 32), "model.layers.0.mlp.gate_proj": (64, 32), "model.layers.0.mlp.up_proj": (64, 32),
+              "model.layers.0.mlp.down_proj": (32, 64)}
+    if arch == "gemma3":
+        shapes |= {f"model.layers.0.{n}": (32,) for n in ("post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")}
+        shapes |= {"model.layers.0.self_attn.q_norm": (8,), "model.layers.0.self_attn.k_norm": (8,)}
+    else:
+        shapes["model.layers.0.post_attention_layernorm"] = (32,)
+    for module, shape in shapes.items():
+        writer.add_tensor(names.get_name(module) + ".weight", rng.standard_normal(shape).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return tokens
+
+
+@pytest.mark.parametrize(("arch", "add_bos"), [("llama", None), ("llama", False), ("gemma3", True)])
+def test_sentencepiece_tokenizer_as_transformers_builds_it(tmp_path, arch, add_bos):
+    """Merges derived from the vocabulary (scores for Llama, file order for Gemma) give transformers'
+    own tokenizer.json; a Llama vocabulary adds BOS unless the file says not to."""
+    from transformers import AutoTokenizer
+
+    write_sentencepiece_gguf(tmp_path / "spm.gguf", arch, add_bos)
+    out = convert_gguf(tmp_path / "spm.gguf", tmp_path / "out")
+    AutoTokenizer.from_pretrained(tmp_path, gguf_file="spm.gguf").save_pretrained(tmp_path / "ref")
+    ours = json.loads((out / "tokenizer.json").read_text())
+    assert ours == json.loads((tmp_path / "ref" / "tokenizer.json").read_text())
+    assert len(ours["model"]["merges"]) > 10
+    ids = load_tokenizer(out)(" the cat sat on the mat")["input_ids"]
+    adds_bos = add_bos is not False
+    assert (ids[0] == 1) is adds_bos and 1 not in ids[1:] and len(ids) >= 6

@@ -55,6 +55,10 @@ SPECIAL_TOKENS = {
 #: chat template writes ``<bos>`` itself, so its reference tokenizer adds none).
 ADD_BOS_DEFAULT = {"llama": True}
 ADD_BOS_FORCED = {"gemma4": False}
+#: Sentencepiece vocabularies of these architectures list no merges and their scores do not follow the
+#: merge order: transformers ranks merges by position in the file instead, after spelling tokens made
+#: only of spaces with "\u2581" (``transformers.integrations.gguf.gguf_tokenizer_mapping.gemma_tokenizer``).
+MERGES_BY_POSITION = ("gemma", "gemma2", "gemma3")
 
 
 def tokenizer_spec(gguf: GGUFFile) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -92,6 +96,42 @@ def tokenizer_spec(gguf: GGUFFile) -> tuple[dict[str, Any], dict[str, Any]]:
     return spec, config
 
 
+def merges_from_vocabulary(tokens: list[str], scores: dict[str, float]) -> list[tuple[str, str]]:
+    """The BPE merges a sentencepiece vocabulary implies when the file lists none: every split of a
+    token into two tokens, best score first, then longer left piece, then longer right piece, ties
+    in vocabulary order; the order ``transformers.tokenization_utils_base.generate_merges`` gives,
+    with the candidates found in one pass of dictionary lookups and the ranking done by numpy.
+
+    ``scores`` maps each token to its rank key (higher merges first)."""
+    vocab = dict(zip(tokens, range(len(tokens))))
+    found = [(t, k) for t in scores for k in range(1, len(t)) if t[:k] in vocab and t[k:] in vocab]
+    if not found:
+        return []
+    left = np.fromiter((k for _, k in found), dtype=np.int64, count=len(found))
+    right = np.fromiter((len(t) - k for t, k in found), dtype=np.int64, count=len(found))
+    score = np.fromiter((scores[t] for t, _ in found), dtype=np.float64, count=len(found))
+    # lexsort is stable and sorts by the last key first: negated keys give descending order with
+    # ties kept in the order found, as Python's sort(reverse=True) keeps them
+    order = np.lexsort((-right, -left, -score))
+    return [(found[i][0][: found[i][1]], found[i][0][found[i][1] :]) for i in order.tolist()]
+
+
+def _implied_merges(architecture: str | None, spec: dict[str, Any]) -> list[str] | None:
+    """Merges for a sentencepiece ``spec`` without any, as "left right" strings; None when a token
+    holds a space (the string form cannot carry it; transformers then derives them itself)."""
+    tokens = spec["tokens"]
+    if architecture in MERGES_BY_POSITION:
+        tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
+        ranks = {t: -float(i) for i, t in enumerate(tokens)}
+    elif isinstance(spec.get("scores"), list) and len(spec["scores"]) == len(tokens):
+        ranks = dict(zip(tokens, spec["scores"]))
+    else:
+        return None
+    if any(" " in t for t in ranks):
+        return None
+    return [f"{a} {b}" for a, b in merges_from_vocabulary(tokens, ranks)]
+
+
 def write_tokenizer(gguf: GGUFFile, folder: Path) -> None:
     """Write the tokenizer files of ``gguf`` (``tokenizer.json``, ``tokenizer_config.json``, the chat
     template) into ``folder``."""
@@ -100,11 +140,20 @@ def write_tokenizer(gguf: GGUFFile, folder: Path) -> None:
 
     architecture = gguf.metadata.get("general.architecture")
     spec, config = tokenizer_spec(gguf)
+    if spec.get("tokenizer_type") == "llama" and "merges" not in spec:
+        merges = _implied_merges(architecture, spec)
+        if merges is not None:
+            spec["merges"] = merges
     try:
         backend, extra = convert_gguf_tokenizer(architecture, spec)
     except (ValueError, KeyError, TypeError) as exc:
         raise WeightsmithError(gguf.path, f"cannot build the tokenizer: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    tokenizer = TokenizersBackend(tokenizer_object=backend, **config, **extra)
+    # TokenizersBackend(tokenizer_object=...) deep-copies the backend (a JSON round trip of the whole
+    # vocabulary); a backend set before __init__ is adopted as it is, as transformers' own
+    # tokenizer classes do
+    tokenizer = TokenizersBackend.__new__(TokenizersBackend)
+    tokenizer._tokenizer = backend
+    tokenizer.__init__(**config, **extra)
     tokenizer.save_pretrained(folder)
     # transformers leaves the flags out of tokenizer_config.json (they live in the post-processor)
     path = folder / "tokenizer_config.json"
