@@ -92,10 +92,10 @@ class OutputSlice(_Strict):
 
 
 class MergeConfig(_Strict):
-    """A mergekit merge config. ``base_dir`` (not a key) is where relative model paths are also
-    looked for: the folder of the YAML file it came from."""
+    """A mergekit merge config. ``source`` (not a key) is the YAML file it came from, if any: errors
+    name it, and relative model paths are also looked for beside it."""
 
-    _base_dir: Path | None = PrivateAttr(default=None)
+    _source: Path | None = PrivateAttr(default=None)
     merge_method: str
     models: list[InputModel] | None = None
     slices: list[OutputSlice] | None = None
@@ -140,12 +140,16 @@ class MergeConfig(_Strict):
         return self
 
     @property
-    def base_dir(self) -> Path | None:
-        return self._base_dir
+    def source(self) -> Path | None:
+        return self._source
 
-    def located_in(self, folder: Path | None) -> MergeConfig:
-        """This config, with relative model paths also looked for in ``folder``."""
-        self._base_dir = folder
+    @property
+    def base_dir(self) -> Path | None:
+        return None if self._source is None else self._source.parent
+
+    def read_from(self, path: Path | None) -> MergeConfig:
+        """This config, marked as read from the file ``path``."""
+        self._source = path
         return self
 
     @property

@@ -87,7 +87,7 @@ def prepare(config: str | Path | dict | MergeConfig, *, allow_pickle: bool = Fal
     the method does not use are logged and ignored (as mergekit does), or with ``strict`` refused."""
     cfg, config_dir = load_config(config)
     inputs, index = open_inputs(cfg, config_dir, allow_pickle=allow_pickle)
-    where = config if isinstance(config, str | Path) else None
+    where = config.source if isinstance(config, MergeConfig) else config if isinstance(config, str | Path) else None
     return build_plan(cfg, inputs, index, Path(where) if where is not None else None, strict=strict)
 
 
@@ -263,4 +263,4 @@ def run(inputs: Sequence[Any], dest: Path, settings: MergeSettings, runtime: Run
         strict=settings.strict,
     )
     extra = {k: v for k, v in done.figures().items() if k != "parameters"}
-    return Report("merge", dest, parameters=done.parameters, extra=extra)
+    return Report("merge", dest, parameters=done.parameters, extra=extra, title=f"{done.method} merge")

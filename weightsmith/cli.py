@@ -295,7 +295,7 @@ def run_steps(steps, model: Path | None, dest: Path, force: bool = False, runtim
 
         reports = run_recipe(steps, model, dest, runtime.with_(progress=None), on_step=on_step)
     for i, ((name, _), report) in enumerate(zip(steps, reports), start=1):
-        out.print(pass_table([report], [f"step {i}: {name}"]))
+        out.print(pass_table([report], [f"step {i}: {name}"], title=report.title or name))
     out.print(f"wrote {dest} in {time.perf_counter() - start:.1f} s", highlight=False)
     return reports
 
@@ -372,10 +372,9 @@ def make_runtime(device: str, threads: int | None, seed: int, max_shard_size: st
     )
 
 
-def pass_table(reports: list, labels: list[str], before=None) -> Table:
-    """The closing table of passes: size, logical parameters, bits per weight, sparsity, time, and
-    each pass's own figures."""
-    table = Table()
+def pass_table(reports: list, labels: list[str], before=None, title: str | None = None) -> Table:
+    """The closing table of passes: size, logical parameters, bits per weight, sparsity, time."""
+    table = Table(title=title)
     for col in ("", "size", "parameters", "bits/weight (quantized linears)", "sparsity", "time"):
         table.add_column(col, justify="right")
     if before is not None:
@@ -421,7 +420,7 @@ def _pass_handler(spec, opts):
             values = {**read_config_file(where), **values}
         settings = settings_from(spec.name, values, where)
         if where is not None:
-            settings.located_in(where.parent)
+            settings.read_from(where)
         inputs = [kw["model"]] if spec.inputs is Inputs.ONE else []
         before = open_checkpoint(kw["model"], kw["allow_pickle"]) if spec.inputs is Inputs.ONE else None
         with progress_bar() as bar:
@@ -432,7 +431,7 @@ def _pass_handler(spec, opts):
 
             runtime = make_runtime(kw["device"], kw["threads"], kw["seed"], kw["max_shard_size"], kw["force"], kw["allow_pickle"], progress=progress)
             report = run_pass(spec.name, [before] if before is not None else inputs, kw["out"], settings, runtime)
-        out.print(pass_table([report], ["after"], before=before))
+        out.print(pass_table([report], ["after"], before=before, title=report.title or spec.name))
         details = extra_table(report)
         if details is not None:
             out.print(details)

@@ -66,6 +66,8 @@ class Report:
     sparsity: float | None = None
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    #: one line saying what was done, e.g. ``ties merge`` or ``gptq W4 g64 sym (packed)``
+    title: str = ""
 
     def figures(self) -> dict[str, Any]:
         """The shared figures and the pass's own, as plain JSON values."""

@@ -77,9 +77,9 @@ def load_recipe(path: Path) -> list[tuple[str, BaseModel]]:
         if name not in REGISTRY:
             raise WeightsmithError(path, f"step {i}: unknown pass {name!r}; passes: {', '.join(sorted(REGISTRY))}")
         settings = settings_from(name, fields, path, context=f"step {i} ({name}): ")
-        located_in = getattr(settings, "located_in", None)
-        if located_in is not None:  # relative model paths are also looked for beside the recipe
-            located_in(path.parent)
+        read_from = getattr(settings, "read_from", None)
+        if read_from is not None:  # errors name the recipe; relative model paths are found beside it
+            read_from(path)
         steps.append((name, settings))
     return steps
 
@@ -104,9 +104,9 @@ def _with_previous(settings: BaseModel, previous: Path) -> tuple[BaseModel, int]
     if not count:
         return settings, 0
     changed = type(settings).model_validate(values)
-    base_dir = getattr(settings, "base_dir", None)
-    if base_dir is not None:
-        changed.located_in(base_dir)
+    source = getattr(settings, "source", None)
+    if source is not None:
+        changed.read_from(source)
     return changed, count
 
 
