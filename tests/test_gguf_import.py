@@ -393,3 +393,27 @@ def test_sentencepiece_tokenizer_as_transformers_builds_it(tmp_path, arch, add_b
     ids = load_tokenizer(out)(" the cat sat on the mat")["input_ids"]
     adds_bos = add_bos is not False
     assert (ids[0] == 1) is adds_bos and 1 not in ids[1:] and len(ids) >= 6
+
+
+def test_dequantize_in_row_chunks_is_exact_and_holds_one_tensor(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4096, 256)).astype(np.float32)
+    writer = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    for qtype in (Q.Q8_0, Q.Q4_0, Q.Q4_1):
+        writer.add_tensor(f"t.{qtype.name}", gguf.quants.quantize(x, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    parsed = GGUFFile(tmp_path / "t.gguf")
+    for qtype in (Q.Q8_0, Q.Q4_0, Q.Q4_1):
+        whole = gguf.quants.dequantize(parsed.raw(f"t.{qtype.name}"), qtype)
+        tracemalloc.start()
+        try:
+            chunked = parsed.dequantize(f"t.{qtype.name}", chunk_bytes=16 * 1024)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert np.array_equal(chunked, whole) and chunked.shape == x.shape
+        # the float32 output plus one chunk's temporaries
+        assert peak < 1.25 * x.nbytes, (qtype.name, peak, x.nbytes)

@@ -40,6 +40,8 @@ _SCALARS: dict[int, np.dtype] = {
 #: ggml types stored as plain values, and the numpy dtype of their elements (the rest are blocks).
 _PLAIN = {0: np.float32, 1: np.float16, 28: np.float64, 24: np.int8, 25: np.int16, 26: np.int32, 27: np.int64}
 _U64 = struct.Struct("<Q")
+#: stored bytes of a block-quantized tensor dequantized at a time
+DEQUANT_CHUNK_BYTES = 4 * 1024 * 1024
 
 
 class _Truncated(Exception):
@@ -214,17 +216,29 @@ class GGUFFile:
 
         return data.reshape(quant_shape_to_byte_shape(info.shape, GGMLQuantizationType(info.ggml_type)))
 
-    def dequantize(self, name: str) -> np.ndarray:
-        """Tensor ``name`` as float32 values (``gguf.quants.dequantize``), in torch order."""
+    def dequantize(self, name: str, chunk_bytes: int = DEQUANT_CHUNK_BYTES) -> np.ndarray:
+        """Tensor ``name`` as float32 values (``gguf.quants.dequantize``), in torch order.
+
+        Block types are dequantized ``chunk_bytes`` of stored rows at a time into one output array
+        (blocks never span rows, so the values are the same): ``gguf.quants.dequantize`` of a whole
+        tensor holds every row group's result and then their concatenation, twice the output."""
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
         info = self.tensors[name]
+        qtype = GGMLQuantizationType(info.ggml_type)
+        raw = self.raw(name)
         try:
-            values = dequantize(self.raw(name), GGMLQuantizationType(info.ggml_type))
+            if info.ggml_type in _PLAIN or raw.ndim < 2 or raw.nbytes <= chunk_bytes:
+                return dequantize(raw, qtype).reshape(info.shape)
+            rows = raw.reshape(-1, raw.shape[-1])
+            out = np.empty((rows.shape[0], info.shape[-1]), dtype=np.float32)
+            step = max(1, chunk_bytes // rows.shape[1])
+            for start in range(0, rows.shape[0], step):
+                out[start : start + step] = dequantize(rows[start : start + step], qtype)
         except NotImplementedError:
             raise WeightsmithError(self.path, f"tensor {name!r}: ggml type {info.type_name} cannot be dequantized") from None
-        return values.reshape(info.shape)
+        return out.reshape(info.shape)
 
 
 def _decode_each(region: np.ndarray, begin: np.ndarray) -> list[str]:
