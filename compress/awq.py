@@ -75,16 +75,20 @@ def scale_input_channels(w: Tensor, s: Tensor) -> Tensor:
 
 
 def fold_scales_into_norm(
-    norm_weight: Tensor, s: Tensor, norm_bias: Tensor | None = None
+    norm_weight: Tensor, s: Tensor, norm_bias: Tensor | None = None, offset: float = 0.0
 ) -> tuple[Tensor, Tensor | None]:
-    """Divide a norm's weight (and bias) by ``s`` so its output is the scaled input ``x / s``.
+    """Divide a norm's effective weight (and bias) by ``s`` so its output is the scaled input ``x / s``.
 
-    Assumes the norm computes ``normalize(x) * weight + bias``; norms parametrized as
-    ``1 + weight`` need the architecture's own rule.
+    The norm computes ``normalize(x) * (offset + weight) + bias``: ``offset`` is 0 for most norms and
+    1 for Gemma's RMSNorm, whose stored weight is the scale minus one; the new stored weight is then
+    ``(offset + weight) / s - offset`` (:attr:`weightsmith.arch.Arch.norm_offset`).
     """
     _check_scales(s, norm_weight.shape[-1])
     sf = s.to(device=norm_weight.device, dtype=torch.float32)
-    weight = (norm_weight.to(torch.float32) / sf).to(norm_weight.dtype)
+    if offset:
+        weight = ((norm_weight.to(torch.float32) + offset) / sf - offset).to(norm_weight.dtype)
+    else:
+        weight = (norm_weight.to(torch.float32) / sf).to(norm_weight.dtype)
     bias = None
     if norm_bias is not None:
         bias = (norm_bias.to(torch.float32) / sf).to(norm_bias.dtype)

@@ -22,7 +22,7 @@ from compress.config import GPTQ_QUANTIZER, SCALED, LinearSettings, QuantizeConf
 from compress.gptq import gptq_quantize, hessian_clip_search
 from compress.grid import QuantGrid, QuantizedTensor, mse_clip_search, quantize
 from compress.pack import quantization_config, ragged_group_reason, to_compressed_tensors
-from weightsmith.arch import ARCHITECTURES, Arch, ScaleGroup
+from weightsmith.arch import ARCHITECTURES, Arch, ScaleGroup, known_arch
 from weightsmith.calibkit import LayerInputs, input_statistics, layer_batches, write_layer
 from weightsmith.calibrate import LayerStep, LayerwiseRunner, get_module, input_hooks, layer_output, require_finite
 from weightsmith.checkpoint import Checkpoint, CheckpointWriter
@@ -90,13 +90,15 @@ def select_linears(ckpt: Checkpoint, config: QuantizeConfig) -> dict[str, Linear
     return chosen
 
 
-def emit(writer: CheckpointWriter, module: str, q: QuantizedTensor, dtype: torch.dtype, fmt: str, report: QuantReport) -> None:
+def emit(writer: CheckpointWriter, module: str, q: QuantizedTensor, dtype: torch.dtype, fmt: str, report: QuantReport, transposed: bool = False) -> None:
     """Write one quantized linear in the chosen format and count its storage bits. In the packed
     format a linear whose width is not a multiple of the group size (a shorter last group, which
-    compressed-tensors cannot decode) is stored dequantized, and config.json says so."""
+    compressed-tensors cannot decode) is stored dequantized, and config.json says so. ``transposed``:
+    the checkpoint stores the weight ``[in, out]`` (dense only, see :func:`packed_config`)."""
     ragged = ragged_group_reason(q.grid, q.shape[1]) is not None
     if fmt == "dense" or ragged:
-        writer.add(f"{module}.weight", q.dequantize().to(dtype))
+        w = q.dequantize()
+        writer.add(f"{module}.weight", (w.t() if transposed else w).to(dtype))
         report.add(q, torch.finfo(dtype).bits if fmt == "packed" else q.bits_per_weight)
         return
     for name, tensor in to_compressed_tensors(q, module).items():
@@ -106,6 +108,14 @@ def emit(writer: CheckpointWriter, module: str, q: QuantizedTensor, dtype: torch
 
 def packed_config(config: dict, linears: dict[str, LinearSettings], ragged: list[str], act_order: bool) -> dict:
     """config.json with a ``quantization_config`` grouping the quantized linears by grid."""
+    arch = known_arch(config)
+    flipped = [m for m in linears if arch is not None and arch.stored_transposed(m)]
+    if flipped:
+        raise WeightsmithError(
+            None,
+            f"--format packed cannot hold {flipped[0]}: {config.get('model_type')} stores its linears as Conv1D weights [in, out], "
+            "which compressed-tensors does not quantize (it handles nn.Linear only); use --format dense",
+        )
     by_grid: dict[QuantGrid, list[str]] = {}
     for module, settings in linears.items():
         if module not in ragged:
@@ -160,20 +170,25 @@ def _rtn(w: torch.Tensor, grid: QuantGrid, clip: bool, dtype: torch.dtype, impor
     return quantize(w, grid, ratios)
 
 
-def _rtn_stored(src: Checkpoint, name: str, grid: QuantGrid, clip: bool) -> QuantizedTensor:
-    """RTN of the stored weight ``name``; a weight holding NaN or an infinity is refused by name."""
+def _rtn_stored(src: Checkpoint, name: str, grid: QuantGrid, clip: bool, transposed: bool = False) -> QuantizedTensor:
+    """RTN of the stored weight ``name`` (stored ``[in, out]`` when ``transposed``: quantized as its
+    transpose, along the input dimension); a weight holding NaN or an infinity is refused by name."""
     w = src.get(name)
     require_finite(src, name, w)
+    if transposed:
+        w = w.t().contiguous()
     return _rtn(w, grid, clip, src.info(name).dtype)
 
 
 def _streaming(src: Checkpoint, writer: CheckpointWriter, config: QuantizeConfig, linears: dict[str, LinearSettings], report: QuantReport, progress: Progress | None) -> None:
     names = src.names()
+    arch = known_arch(src.config)
     for i, name in enumerate(names):
         module = module_of(name)
         if module in linears:
-            q = _rtn_stored(src, name, linears[module].grid, config.clip)
-            emit(writer, module, q, src.info(name).dtype, config.format, report)
+            flip = arch is not None and arch.stored_transposed(module)
+            q = _rtn_stored(src, name, linears[module].grid, config.clip, flip)
+            emit(writer, module, q, src.info(name).dtype, config.format, report, flip)
         else:
             writer.copy_from(src, name)
         if progress is not None:
@@ -295,14 +310,17 @@ def _apply_awq(step: LayerStep, arch: Arch, config: QuantizeConfig, mine: dict[s
     scaled_inputs: dict[str, torch.Tensor] = {}
     for group in groups:
         x = torch.cat(inputs[group.linears[0]])
-        scaled_inputs.update(_awq_group(step, group, x, block_calls.get(group.block, []), mine[group.linears[0]].grid, config.awq_grid))
+        scaled_inputs.update(_awq_group(step, group, x, block_calls.get(group.block, []), mine[group.linears[0]].grid, config.awq_grid, arch.norm_offset))
     return scaled_inputs
 
 
-def _awq_group(step: LayerStep, group: ScaleGroup, x: torch.Tensor, calls: list[tuple[tuple, dict]], grid: QuantGrid, n_grid: int) -> dict[str, torch.Tensor]:
+def _awq_group(step: LayerStep, group: ScaleGroup, x: torch.Tensor, calls: list[tuple[tuple, dict]], grid: QuantGrid, n_grid: int, norm_offset: float = 0.0) -> dict[str, torch.Tensor]:
     prev = get_module(step.module, group.prev)
     mods = [get_module(step.module, lin) for lin in group.linears]
-    if group.needs_equal_width and prev.weight.shape[0] != mods[0].weight.shape[1]:
+    part, parts = group.prev_rows
+    width = prev.weight.shape[0] // parts
+    rows = slice(part * width, (part + 1) * width)  # the rows of prev that produce the linears' input
+    if group.needs_equal_width and width != mods[0].weight.shape[1]:
         return {}
     block = get_module(step.module, group.block) if group.block else mods[0]
     sizes = [h.shape[0] for h, _ in layer_batches(step)][: len(calls)] if calls else [x.shape[0]]
@@ -324,23 +342,37 @@ def _awq_group(step: LayerStep, group: ScaleGroup, x: torch.Tensor, calls: list[
     for m in mods:
         m.weight.data = scale_input_channels(m.weight.data, s)
     if isinstance(prev, nn.Linear):
-        prev.weight.data, new_bias = fold_scales_into_linear(prev.weight.data, s, prev.bias.data if prev.bias is not None else None)
+        prev.weight.data, new_bias = _fold_into_rows(prev.weight.data, prev.bias.data if prev.bias is not None else None, s, rows)
     else:
-        prev.weight.data, new_bias = fold_scales_into_norm(prev.weight.data, s, prev.bias.data if getattr(prev, "bias", None) is not None else None)
+        prev.weight.data, new_bias = fold_scales_into_norm(prev.weight.data, s, prev.bias.data if getattr(prev, "bias", None) is not None else None, norm_offset)
     if new_bias is not None:
         prev.bias.data = new_bias
     x_scaled = x / s.to(x.dtype)
     return {lin: x_scaled for lin in group.linears}
 
 
+def _fold_into_rows(weight: torch.Tensor, bias: torch.Tensor | None, s: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`fold_scales_into_linear` on the output rows ``rows`` of a fused linear (the value rows of
+    a qkv projection, the up rows of a gate_up projection); its other rows are unchanged."""
+    if rows == slice(0, weight.shape[0]):
+        return fold_scales_into_linear(weight, s, bias)
+    part_weight, part_bias = fold_scales_into_linear(weight[rows], s, bias[rows] if bias is not None else None)
+    weight = weight.clone()
+    weight[rows] = part_weight
+    if bias is not None:
+        bias = bias.clone()
+        bias[rows] = part_bias
+    return weight, bias
+
+
 def _write_layer(step: LayerStep, src: Checkpoint, writer: CheckpointWriter, quantized: dict[str, QuantizedTensor], fmt: str, report: QuantReport) -> None:
     """Write one layer: its quantized linears in the chosen format, its other parameters (norms AWQ may
     have rescaled) from the module, and any other stored tensor of the layer unchanged."""
 
-    def emitter(q: QuantizedTensor) -> Callable[[str, torch.dtype], None]:
-        return lambda module, dtype: emit(writer, module, q, dtype, fmt, report)
+    def emitter(lin: str, q: QuantizedTensor) -> Callable[[str, torch.dtype], None]:
+        return lambda module, dtype: emit(writer, module, q, dtype, fmt, report, f"{lin}.weight" in step.transposed)
 
-    write_layer(step, src, writer, {lin: emitter(q) for lin, q in quantized.items()})
+    write_layer(step, src, writer, {lin: emitter(lin, q) for lin, q in quantized.items()})
 
 
 def calibration_dtype(config: QuantizeConfig) -> torch.dtype:

@@ -105,3 +105,59 @@ def smollm2() -> Path:
         return fetch_demo_model()
     except Exception as exc:  # noqa: BLE001
         pytest.skip(f"default model unavailable: {exc}")
+
+
+#: Tiny configs (hidden 64, 2 layers) of the families the calibrated passes support beyond Llama and
+#: GPT-NeoX, as transformers config classes and arguments. Gemma's two layers are one sliding-window
+#: layer (window 8, shorter than the test sequences) and one global layer, with soft-capping on; OPT's
+#: embedding width differs from its hidden width (project_in / project_out); Phi-3 has as many key /
+#: value heads as heads, so its value rows are the last third of qkv_proj.
+FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
+    "gemma2": ("Gemma2Config", dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                    sliding_window=8, layer_types=["sliding_attention", "full_attention"], attn_logit_softcapping=50.0,
+                                    final_logit_softcapping=30.0, query_pre_attn_scalar=16)),
+    "gemma3_text": ("Gemma3TextConfig", dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                             sliding_window=8, layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=30.0,
+                                             query_pre_attn_scalar=16)),
+    "phi3": ("Phi3Config", dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4, pad_token_id=0)),
+    "gpt2": ("GPT2Config", dict(n_embd=64, n_head=4)),
+    "opt": ("OPTConfig", dict(hidden_size=64, ffn_dim=128, num_attention_heads=4, word_embed_proj_dim=32, do_layer_norm_before=True)),
+}
+
+
+def make_tiny_family(folder: Path, family: str, seed: int = 0, **overrides) -> Path:
+    """A tiny random checkpoint folder (2 layers) of one of :data:`FAMILY_CONFIGS`, with a tokenizer.
+    Weights are N(0, 0.2), biases N(0, 0.05), norm scales 1 + N(0, 0.05) (Gemma stores the scale minus
+    one). A tied output head is not stored, as in the families' own checkpoints."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from weightsmith.arch import ARCHITECTURES
+    from weightsmith.checkpoint import CheckpointWriter
+
+    side = folder.parent / f".{folder.name}-side"
+    side.mkdir(parents=True, exist_ok=True)
+    vocab = train_tokenizer(side)
+    class_name, kwargs = FAMILY_CONFIGS[family]
+    layers_key = ARCHITECTURES[family].keys.layers
+    config = getattr(transformers, class_name)(**{"vocab_size": vocab, layers_key: 2, "max_position_embeddings": 256,
+                                                  "bos_token_id": 0, "eos_token_id": 0, **kwargs, **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    offset = ARCHITECTURES[family].norm_offset
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2)
+            elif name.endswith("weight"):  # a norm's scale
+                p.normal_(0, 0.05).add_(1.0 - offset)
+            else:
+                p.normal_(0, 0.05)
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(side)
+    tied = model.config.tie_word_embeddings
+    with CheckpointWriter(folder, source=side, force=True) as writer:
+        for name, tensor in model.state_dict().items():
+            if not (tied and name == "lm_head.weight"):
+                writer.add(name, tensor.contiguous())
+    return folder

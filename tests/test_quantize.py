@@ -156,26 +156,26 @@ def test_ragged_last_group_is_quantized_and_packed_layers_stay_loadable(tmp_path
 
 
 def test_unknown_architecture_gets_rtn_and_a_clear_error_for_gptq(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import BloomConfig, BloomForCausalLM
 
     from weightsmith.checkpoint import CheckpointWriter
 
     side = tmp_path / "side"
     side.mkdir()
     train_tokenizer(side)
-    config = GPT2Config(vocab_size=320, n_embd=32, n_layer=1, n_head=2, n_positions=64)
-    model = GPT2LMHeadModel(config)
+    config = BloomConfig(vocab_size=320, hidden_size=32, n_layer=1, n_head=2)
+    model = BloomForCausalLM(config)
     config.save_pretrained(side)
-    with CheckpointWriter(tmp_path / "gpt2", source=side) as writer:
+    with CheckpointWriter(tmp_path / "bloom", source=side) as writer:
         for name, t in model.state_dict().items():
             if name != "lm_head.weight":
                 writer.add(name, t.contiguous())
-    src = Checkpoint(tmp_path / "gpt2")
-    with pytest.raises(WeightsmithError, match="architecture 'gpt2' is not supported by layer-by-layer passes"):
+    src = Checkpoint(tmp_path / "bloom")
+    with pytest.raises(WeightsmithError, match="architecture 'bloom' is not supported by layer-by-layer passes"):
         quantize_checkpoint(src, tmp_path / "g", QuantizeConfig(method="gptq"), calib_tokens=torch.zeros(2, 8, dtype=torch.long))
     assert not (tmp_path / "g").exists()
     report = quantize_checkpoint(src, tmp_path / "r", QuantizeConfig(method="rtn", group_size=32))
-    assert report.quantized == 4  # c_attn, c_proj, c_fc, mlp.c_proj; embeddings wte/wpe left alone
+    assert report.quantized == 4  # query_key_value, dense, dense_h_to_4h, dense_4h_to_h; word_embeddings left alone
 
 
 def test_quantize_cli_prints_table_and_evaluates(models, tmp_path, cli):

@@ -9,8 +9,9 @@ earlier ones), and dropped. Peak memory: one layer plus the calibration activati
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 class _StopForward(Exception):
-    """Raised by the hook on layer 0 once its inputs are captured."""
+    """Raised by the stand-in of the last layer once every layer's inputs are captured."""
 
 
 def get_module(root: nn.Module, path: str) -> nn.Module:
@@ -50,13 +51,14 @@ def build_skeleton(folder: Path):
     return model.eval()
 
 
-def load_params(module: nn.Module, prefix: str, ckpt: Checkpoint, dtype: torch.dtype, device: str = "cpu") -> None:
-    """Replace ``module``'s parameters with the checkpoint's tensors named ``prefix + name``."""
+def load_params(module: nn.Module, prefix: str, ckpt: Checkpoint, dtype: torch.dtype, device: str = "cpu", transposed: Collection[str] = ()) -> None:
+    """Replace ``module``'s parameters with the checkpoint's tensors named ``prefix + name``; the
+    parameters named in ``transposed`` are stored as the transpose of the module's weight."""
     for name, param in list(module.named_parameters(recurse=True)):
         full = prefix + name
         if full not in ckpt:
             raise WeightsmithError(ckpt.folder, f"tensor {full!r} is missing from the checkpoint")
-        tensor = ckpt.get(full)
+        tensor = ckpt.get(full).t().contiguous() if name in transposed else ckpt.get(full)
         if tuple(tensor.shape) != tuple(param.shape):
             raise WeightsmithError(ckpt.folder, f"tensor {full!r} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}")
         require_finite(ckpt, full, tensor)
@@ -79,43 +81,94 @@ def unload_params(module: nn.Module) -> None:
 
 @dataclass
 class Captured:
-    """The inputs of one decoder layer: hidden states and keyword arguments, batch by batch."""
+    """The inputs of one decoder layer: hidden states and keyword arguments, batch by batch.
+    ``layer_kwargs[i]`` are the keyword arguments layer ``i`` receives, which differ between layer
+    types (a sliding-window layer's mask, Gemma 3's local rotary tables); the runner points ``kwargs``
+    at the current layer's."""
 
     hidden: list[torch.Tensor]
     kwargs: list[dict]
+    layer_kwargs: list[list[dict]]
+
+
+def _front_modules(root: nn.Module, root_path: str, layers_path: str) -> Iterator[tuple[str, nn.Module]]:
+    """(path, module) of every module under ``root`` that is not on the way to the decoder layers
+    (embeddings, input projections, final norm), however deep the layers sit (OPT's
+    ``model.decoder.layers``)."""
+    for name, child in root.named_children():
+        path = root_path + name
+        if path == layers_path:
+            continue
+        if layers_path.startswith(path + "."):
+            yield from _front_modules(child, path + ".", layers_path)
+        else:
+            yield path, child
+
+
+class _LayerStandIn(nn.Module):
+    """Takes a decoder layer's place while the inputs are captured: records the call's arguments by
+    name (bound to the layer's own signature, so positional ones such as GPT-2's mask are kept) and
+    passes the hidden states through; the last layer's stand-in stops the forward."""
+
+    def __init__(self, layer: nn.Module, calls: list[dict], last: bool) -> None:
+        super().__init__()
+        self.signature = inspect.signature(layer.forward)
+        self.calls = calls
+        self.last = last
+
+    def forward(self, *args, **kwargs):
+        bound = self.signature.bind(*args, **kwargs).arguments
+        hidden_name = next(iter(self.signature.parameters))
+        named = {k: v for k, v in bound.items() if self.signature.parameters[k].kind is not inspect.Parameter.VAR_KEYWORD}
+        for k, v in bound.items():
+            if self.signature.parameters[k].kind is inspect.Parameter.VAR_KEYWORD:
+                named.update(v)
+        self.calls.append(named)
+        if self.last:
+            raise _StopForward
+        return named[hidden_name]
 
 
 def capture_first_layer_inputs(model, arch: Arch, ckpt: Checkpoint, samples: torch.Tensor, batch_size: int, dtype: torch.dtype, device: str) -> Captured:
-    """Run the modules in front of the decoder layers on ``samples`` and catch what layer 0 receives."""
+    """Run the modules in front of the decoder layers on ``samples``: catch what layer 0 receives and
+    the keyword arguments of every layer. The layers do not run: stand-ins pass the hidden states on."""
     layers = get_module(model, arch.layers)
     base = model.base_model
-    base_prefix = model.base_model_prefix + "."
-    for name, child in base.named_children():
-        if base_prefix + name != arch.layers:
-            load_params_if_present(child, base_prefix + name + ".", ckpt, dtype, device)
-    caught: list[tuple[tuple, dict]] = []
-
-    def catch(_module, args, kwargs):
-        caught.append((args, kwargs))
-        raise _StopForward
-
-    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
-    hidden, kw = [], []
+    front = list(_front_modules(base, model.base_model_prefix + ".", arch.layers))
+    for path, child in front:
+        load_params_if_present(child, path + ".", ckpt, dtype, device)
+    originals = list(layers)
+    calls: list[list[dict]] = [[] for _ in originals]
+    for i, layer in enumerate(originals):
+        layers[i] = _LayerStandIn(layer, calls[i], last=i == len(originals) - 1)
+    hidden_name = next(iter(inspect.signature(originals[0].forward).parameters))
+    hidden = []
     try:
         for batch in samples.split(batch_size):
             try:
                 base(input_ids=batch.to(device), use_cache=False)
             except _StopForward:
                 pass
-            args, kwargs = caught.pop()
-            hidden.append(args[0] if args else kwargs.pop("hidden_states"))
-            kw.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+            hidden.append(calls[0][-1][hidden_name])
     finally:
-        handle.remove()
-        for name, child in base.named_children():
-            if base_prefix + name != arch.layers:
-                unload_params(child)
-    return Captured(_one_block(hidden), kw)
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+        for _, child in front:
+            unload_params(child)
+    layer_kwargs = [[{k: v for k, v in call.items() if k != hidden_name} for call in layer_calls] for layer_calls in calls]
+    return Captured(_one_block(hidden), layer_kwargs[0], layer_kwargs)
+
+
+def as_linears(layer: nn.Module, names: tuple[str, ...]) -> None:
+    """Replace the named submodules, whose weights are stored ``[in, out]`` (GPT-2's Conv1D), with
+    ``nn.Linear`` modules on the meta device, so that a pass sees every linear's weight as
+    ``[out, in]``; :func:`load_params` with ``transposed`` fills them."""
+    for name in names:
+        owner_path, _, leaf = name.rpartition(".")
+        owner = get_module(layer, owner_path) if owner_path else layer
+        stored = getattr(owner, leaf)
+        n_in, n_out = stored.weight.shape
+        setattr(owner, leaf, nn.Linear(n_in, n_out, bias=getattr(stored, "bias", None) is not None, device="meta"))
 
 
 def _one_block(batches: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -169,6 +222,13 @@ class LayerStep:
     prefix: str
     module: nn.Module
     inputs: Captured
+    #: parameters (relative names) the checkpoint stores as the transpose of the module's (Conv1D)
+    transposed: frozenset[str] = frozenset()
+
+    def stored(self, local: str, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor``, the value of the layer's parameter ``local``, in the orientation the checkpoint
+        stores it."""
+        return tensor.t() if local in self.transposed else tensor
 
 
 class LayerwiseRunner:
@@ -197,6 +257,11 @@ class LayerwiseRunner:
         self.device = device
         self.model = build_skeleton(ckpt.folder)
         self.layers = get_module(self.model, self.arch.layers)
+        # names (relative to a layer) of the parameters stored as the transpose of the module's weight
+        self.transposed = frozenset(f"{lin}.weight" for lin in self.arch.linears) if self.arch.weights_transposed else frozenset()
+        if self.transposed:
+            for layer in self.layers:
+                as_linears(layer, self.arch.linears)
 
     @property
     def num_layers(self) -> int:
@@ -206,8 +271,9 @@ class LayerwiseRunner:
         inputs = capture_first_layer_inputs(self.model, self.arch, self.ckpt, self.samples, self.batch_size, self.dtype, self.device)
         for index, layer in enumerate(self.layers):
             prefix = self.arch.layer_prefix(index)
-            load_params(layer, prefix, self.ckpt, self.dtype, self.device)
-            step = LayerStep(index, prefix, layer, inputs)
+            inputs.kwargs = inputs.layer_kwargs[index]
+            load_params(layer, prefix, self.ckpt, self.dtype, self.device, self.transposed)
+            step = LayerStep(index, prefix, layer, inputs, self.transposed)
             yield step
             advance(layer, inputs)
             unload_params(layer)
