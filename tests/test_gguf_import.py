@@ -24,6 +24,7 @@ from weightsmith.models import load_tokenizer
 #: transformers config -> the GGUF architecture llama.cpp writes it as
 GGUF_ARCH = {
     "llama": gguf.MODEL_ARCH.LLAMA,
+    "mistral": gguf.MODEL_ARCH.LLAMA,
     "qwen2": gguf.MODEL_ARCH.QWEN2,
     "qwen3": gguf.MODEL_ARCH.QWEN3,
     "gemma2": gguf.MODEL_ARCH.GEMMA2,
@@ -84,7 +85,10 @@ def write_gguf(
     names = gguf.get_tensor_name_map(GGUF_ARCH[arch], cfg["num_hidden_layers"])
     if tokens is None:
         tokens, merges = vocabulary(folder)
-    writer = gguf.GGUFWriter(str(dest), arch)
+    # llama.cpp writes Mistral as Llama
+    writer = gguf.GGUFWriter(str(dest), "llama" if arch == "mistral" else arch)
+    if arch == "mistral":
+        writer.add_name("Mistral 7B Instruct v0.3")
     writer.add_context_length(cfg["max_position_embeddings"])
     writer.add_embedding_length(cfg["hidden_size"])
     writer.add_block_count(cfg["num_hidden_layers"])
@@ -112,9 +116,9 @@ def write_gguf(
         x = ckpt.get(name).float().numpy()
         module = name.rsplit(".", 1)[0]
         stored = x
-        if arch == "llama" and module.endswith("self_attn.q_proj"):
+        if arch in ("llama", "mistral") and module.endswith("self_attn.q_proj"):
             stored = llama_cpp_permute(x, cfg["num_attention_heads"])
-        elif arch == "llama" and module.endswith("self_attn.k_proj"):
+        elif arch in ("llama", "mistral") and module.endswith("self_attn.k_proj"):
             stored = llama_cpp_permute(x, cfg["num_key_value_heads"])
         if arch.startswith("gemma") and module.endswith("norm"):  # llama.cpp stores Gemma's norm scales as 1 + w
             stored = x + np.float32(1.0)
@@ -185,7 +189,7 @@ def test_llama_tensors_per_ggml_type(tiny64, tmp_path):
     assert record["pass"] == "convert" and list(record["inputs"][0]["files"]) == ["tiny.gguf"]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
 def test_same_tensors_and_config_as_transformers_loader(arch, tmp_path):
     """The converted checkpoint equals what transformers' own GGUF loader builds (the path it replaces)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -201,9 +205,10 @@ def test_same_tensors_and_config_as_transformers_loader(arch, tmp_path):
     for name, tensor in ref.items():
         assert torch.equal(ours.get(name), tensor.to(torch.bfloat16)), name
     ref_config = AutoConfig.from_pretrained(tmp_path, gguf_file="m.gguf").to_dict()
-    for key in ("model_type", "hidden_size", "num_hidden_layers", "num_key_value_heads", "head_dim", "rms_norm_eps", "tie_word_embeddings", "vocab_size"):
+    for key in ("hidden_size", "num_hidden_layers", "num_key_value_heads", "head_dim", "rms_norm_eps", "tie_word_embeddings", "vocab_size"):
         assert ours.config.get(key) == ref_config.get(key), key
     assert ours.config["tie_word_embeddings"] is True and "lm_head.weight" not in ours.names()
+    assert ours.config["model_type"] == ref_config["model_type"] == {"mistral": "llama"}.get(arch, HF_TYPE.get(arch, arch))
     if arch == "qwen2":
         assert "model.layers.1.self_attn.q_proj.bias" in ours.names()
     if arch in ("qwen3", "gemma3"):
@@ -212,6 +217,9 @@ def test_same_tensors_and_config_as_transformers_loader(arch, tmp_path):
         assert "model.layers.1.post_feedforward_layernorm.weight" in ours.names()
         source = Checkpoint(folder).get("model.layers.1.post_feedforward_layernorm.weight")
         assert torch.allclose(ours.get("model.layers.1.post_feedforward_layernorm.weight").float(), source, atol=1e-2)
+    assert ours.config["architectures"] == [type(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out))).__name__]
+    if arch == "mistral":
+        assert ours.config["architectures"] == ["LlamaForCausalLM"]
     if arch == "phi3":
         assert ours.info("model.layers.0.self_attn.qkv_proj.weight").shape == (64 + 2 * 32, 64)
 

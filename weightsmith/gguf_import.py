@@ -18,7 +18,7 @@ import json
 import logging
 import re
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +27,7 @@ import numpy as np
 
 from weightsmith.checkpoint import CheckpointWriter
 from weightsmith.errors import WeightsmithError
-from weightsmith.gguf_read import GGUF_MAGIC, GGUFFile
+from weightsmith.gguf_read import GGUFFile
 from weightsmith.provenance import Record
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GGUF_ARCHS", "GGUF_MAGIC", "GGUFArch", "convert_gguf", "hf_tensors"]
+__all__ = ["GGUF_ARCHS", "GGUFArch", "convert_gguf", "hf_config", "hf_name", "unpermute_rows"]
 
 #: Tensors outside the decoder blocks: GGUF name -> Hugging Face module path.
 _DECODER_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -93,10 +93,11 @@ _PHI3_LAYER = {
     "ffn_down": "mlp.down_proj",
 }
 
-#: GGUF ``general.architecture`` (Mistral: see :func:`_arch_of`) -> how to read it.
+#: GGUF ``general.architecture`` -> how to read it. llama.cpp writes Mistral (7B, Nemo) as ``llama``
+#: (the metadata has no sliding window), which converts to a Llama checkpoint of the same weights,
+#: as transformers' loader does.
 GGUF_ARCHS: dict[str, GGUFArch] = {
     "llama": GGUFArch("llama", permute_qk=True),
-    "mistral": GGUFArch("mistral", permute_qk=True),
     "qwen2": GGUFArch("qwen2"),
     # the head width is not hidden / heads in Qwen3 (e.g. 0.6B: 1024 / 16 heads of 128)
     "qwen3": GGUFArch("qwen3", config={"attention.key_length": "head_dim"}),
@@ -110,14 +111,10 @@ _BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
 
 
 def _arch_of(gguf: GGUFFile) -> tuple[str, str]:
-    """``(GGUF architecture, the name transformers' config table files it under)``; llama.cpp writes
-    Mistral models as ``llama``, named by ``general.name``."""
+    """``(GGUF architecture, the name transformers' config table files it under)``."""
     arch = gguf.metadata.get("general.architecture")
     if not isinstance(arch, str):
         raise WeightsmithError(gguf.path, "no general.architecture in the metadata")
-    name = gguf.metadata.get("general.name")
-    if arch == "llama" and isinstance(name, str) and "mistral" in name.lower():
-        return arch, "mistral"
     return arch, arch
 
 
@@ -144,16 +141,6 @@ def unpermute_rows(weight: np.ndarray, heads: int) -> np.ndarray:
     if heads <= 0 or rows % (2 * heads):
         raise ValueError(f"{rows} rows do not split into {heads} heads of two rotary halves")
     return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
-
-
-def hf_tensors(gguf: GGUFFile, config: Mapping[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
-    """Every tensor of ``gguf`` as ``(Hugging Face name, float32 values)``, in file order, one at a
-    time (each dequantized when reached). ``config`` gives the head counts."""
-    _, name = _arch_of(gguf)
-    for gguf_name in gguf.tensors:
-        target = _mapped(gguf, GGUF_ARCHS[name], gguf_name)
-        if target is not None:
-            yield target[0], _one_tensor(gguf, config, gguf_name)
 
 
 def _mapped(gguf: GGUFFile, arch: GGUFArch, gguf_name: str) -> tuple[str, str] | None:
