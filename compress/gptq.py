@@ -30,7 +30,7 @@ from compress.grid import (
     compute_scale_zero,
     group_min_max,
 )
-from compress.obs import ColumnStep, inverse_cholesky, joint_step, obs_sweep
+from compress.obs import ColumnStep, inverse_cholesky, joint_step, obs_sweep, zero_dead_inputs
 from weightsmith.calibkit import accumulate_hessian
 
 logger = logging.getLogger(__name__)
@@ -222,12 +222,7 @@ def gptq_quantize(
             raise ValueError("clip ratios must lie in (0, 1]")
 
     device = w.device
-    W = w.detach().to(torch.float32).clone()
-    H = hessian.detach().to(device=device, dtype=torch.float32).clone()
-    dead = torch.diagonal(H) == 0
-    if bool(dead.any()):
-        H[dead, dead] = 1.0
-        W[:, dead] = 0.0
+    W, H = zero_dead_inputs(w.detach().to(torch.float32), hessian.detach().to(device=device, dtype=torch.float32))
     ratio = None if clip is None else clip.to(device=device, dtype=torch.float32)
     if mask is not None:
         mask = mask.to(device)

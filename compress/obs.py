@@ -13,6 +13,14 @@ sparse + quantized weights. That choice is the ``step`` argument of :func:`obs_s
 
 Updates are applied lazily in blocks of ``block_size`` columns: inside a block column by column,
 then to the rest of the matrix with one matrix product per block.
+
+SparseGPT at 50% on a weight ``w`` with the Hessian ``H`` of its inputs::
+
+    W, H = zero_dead_inputs(w.float(), H)
+    U = inverse_cholesky(H, damp=0.01, max_damp=1.0)
+    pruned, losses = obs_sweep(W, U, prune_step(torch.diagonal(U), 0.5))
+
+GPTQ is :func:`compress.gptq.gptq_quantize` (the same sweep with a grid step).
 """
 
 from __future__ import annotations
@@ -26,13 +34,26 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ColumnStep", "inverse_cholesky", "joint_step", "obs_sweep", "prune_step"]
+__all__ = ["ColumnStep", "inverse_cholesky", "joint_step", "obs_sweep", "prune_step", "zero_dead_inputs"]
 
 ColumnStep = Callable[[Tensor, int, int], Tensor]
 """``step(block, i, k) -> column``: what column ``k`` of the sweep (``i`` inside the current block)
 becomes. ``block`` is the float32 working copy ``[out, width]`` of the current block's columns,
 already updated by every earlier column; a step reads it (e.g. a group's range, or the scores of a
 block's prune mask) and must not modify it. Returns the new float32 column ``[out]``."""
+
+
+def zero_dead_inputs(W: Tensor, H: Tensor) -> tuple[Tensor, Tensor]:
+    """``W`` and ``H`` with every dead input (zero Hessian diagonal: the channel never fired) given
+    ``H[j, j] = 1`` and weight column 0, so the Hessian can be factorized and the column comes out 0.
+    Returns the inputs themselves when no input is dead, new tensors otherwise."""
+    dead = torch.diagonal(H) == 0
+    if not bool(dead.any()):
+        return W, H
+    W, H = W.clone(), H.clone()
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    return W, H
 
 
 def inverse_cholesky(H: Tensor, damp: float, max_damp: float) -> Tensor:

@@ -7,7 +7,7 @@ import torch
 
 from compress.grid import QuantGrid, compute_scale_zero, fake_quantize
 from compress.gptq import gptq_quantize
-from compress.obs import inverse_cholesky, joint_step, obs_sweep, prune_step
+from compress.obs import inverse_cholesky, joint_step, obs_sweep, prune_step, zero_dead_inputs
 from weightsmith.calibkit import accumulate_hessian
 
 OUTLIERS = [3, 17, 64, 100]
@@ -162,3 +162,19 @@ def test_obs_sweep_checks_its_arguments() -> None:
         obs_sweep(w, torch.eye(8), lambda b, i, k: b[:, i], mask=torch.zeros(4, 7, dtype=torch.bool))
     with pytest.raises(ValueError, match="mask must be a bool"):
         gptq_quantize(w, torch.eye(8), QuantGrid(4, True, -1), mask=torch.zeros(4, 8))
+
+
+def test_zero_dead_inputs_and_gptq_leave_their_inputs_alone() -> None:
+    w = _weight(8, 16)
+    x = _inputs(64, 40, width=16)
+    x[:, [2, 9]] = 0.0
+    H, _ = accumulate_hessian(None, x, 0)
+    w0, H0 = w.clone(), H.clone()
+    W, H1 = zero_dead_inputs(w, H)
+    assert bool((W[:, [2, 9]] == 0).all()) and H1[2, 2] == 1 and H1[9, 9] == 1
+    assert torch.equal(W[:, :2], w[:, :2]) and torch.equal(w, w0) and torch.equal(H, H0)
+    live = H + torch.eye(16)
+    assert all(a is b for a, b in zip(zero_dead_inputs(w, live), (w, live)))
+    q, _ = gptq_quantize(w, H, QuantGrid(4, True, -1), act_order=True)
+    assert bool((q.dequantize()[:, [2, 9]] == 0).all())
+    assert torch.equal(w, w0) and torch.equal(H, H0)
