@@ -76,6 +76,13 @@ def test_every_module_the_table_names_exists_in_the_model(tmp_path, model_type):
     assert arch.mlp_width(config.to_dict()) > 0 and arch.num_layers(config.to_dict()) == len(get_module(model, arch.layers))
 
 
+def test_conv1d_weights_are_known_with_or_without_the_model_prefix():
+    gpt2 = ARCHITECTURES["gpt2"]
+    assert gpt2.stored_transposed("transformer.h.3.attn.c_attn") and gpt2.stored_transposed("h.0.mlp.c_proj")
+    assert not gpt2.stored_transposed("lm_head") and not gpt2.stored_transposed("transformer.wte")
+    assert not gpt2.stored_transposed("h.0.mlp.c_proj_extra") and not ARCHITECTURES["llama"].stored_transposed("model.layers.0.mlp.up_proj")
+
+
 def test_config_facts_per_family():
     assert ARCHITECTURES["gpt2"].head_layout({"n_embd": 768, "n_head": 12}) == (12, 12, 64)
     assert ARCHITECTURES["gpt2"].mlp_width({"n_embd": 768, "n_inner": None}) == 3072

@@ -108,8 +108,17 @@ class Arch:
         return suffix if index.isdigit() and suffix else None
 
     def stored_transposed(self, module: str) -> bool:
-        """Whether the checkpoint stores ``module``'s weight ``[in, out]``."""
-        return self.weights_transposed and self.layer_suffix(module) in self.linears
+        """Whether the checkpoint stores ``module``'s weight ``[in, out]``: a decoder linear of a family
+        with Conv1D weights, named with or without the model's prefix (GPT-2 checkpoints on the Hub
+        name their layers ``h.0.`` where transformers writes ``transformer.h.0.``)."""
+        if not self.weights_transposed:
+            return False
+        parts = module.split(".")
+        for linear in self.linears:
+            n = linear.count(".") + 1  # the linear's own name parts, after the layer index
+            if len(parts) > n and parts[-n - 1].isdigit() and ".".join(parts[-n:]) == linear:
+                return True
+        return False
 
     def is_front(self, tensor_name: str) -> bool:
         return any(tensor_name.startswith(f"{module}.") for module in self.front)
@@ -228,7 +237,10 @@ _OPT = Arch(
     keys=ConfigKeys(kv_heads=None, mlp_width="ffn_dim"),
 )
 
-#: config.json ``model_type`` -> architecture facts. SmolLM is a Llama.
+#: config.json ``model_type`` -> architecture facts. SmolLM is a Llama. Gemma 3's multimodal ``gemma3``
+#: is not here: its checkpoints name the text layers ``language_model.model.layers.N.`` where the
+#: transformers module tree has ``model.language_model.layers.N.`` (transformers renames them when it
+#: loads and saves), and the layer runner loads tensors by module path.
 ARCHITECTURES: dict[str, Arch] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
