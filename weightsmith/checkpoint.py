@@ -224,7 +224,11 @@ class Checkpoint:
 
     @property
     def num_parameters(self) -> int:
-        return sum(t.numel for t in self.tensors.values())
+        """Logical parameters: a linear packed in the compressed-tensors layout counts as the
+        ``out * in`` weights of its ``weight_shape``, not as its int32 storage, scales and zero points."""
+        from weightsmith.summary import logical_parameters
+
+        return logical_parameters(self)
 
     @property
     def provenance(self) -> dict | None:
