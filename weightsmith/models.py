@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +20,23 @@ log = logging.getLogger(__name__)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 #: What we fetch of a hub repository: safetensors weights, configuration, tokenizer. Never pickle.
 HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+
+#: Warnings transformers gives about a load we make that way on purpose, as (category, message
+#: pattern): passing ``CompressedTensorsConfig(dequantize=True)`` for a packed checkpoint, whose
+#: config.json declares its own ``quantization_config``, is reported as a conflict of the two.
+EXPECTED_LOAD_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
+    (UserWarning, r"You passed `quantization_config` or equivalent parameters to `from_pretrained`"),
+)
+
+
+@contextlib.contextmanager
+def expected_load_warnings_silenced() -> Iterator[None]:
+    """Within the block, the warnings of :data:`EXPECTED_LOAD_WARNINGS` are dropped; the filters in
+    force before are restored after it, and every other warning passes as before."""
+    with warnings.catch_warnings():
+        for category, pattern in EXPECTED_LOAD_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern, category=category)
+        yield
 
 def resolve(spec: str | Path) -> Path:
     """A local checkpoint folder as is; a hub id (``HuggingFaceTB/SmolLM2-135M``) fetched with
@@ -50,7 +70,8 @@ def load_model(folder: Path, dtype: torch.dtype | None = None, device: str = "cp
 
         extra["quantization_config"] = CompressedTensorsConfig(dequantize=True)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra)
+        with expected_load_warnings_silenced():
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra)
     except (OSError, ValueError, KeyError) as exc:
         raise WeightsmithError(folder, f"transformers cannot load it: {str(exc).splitlines()[0]}") from None
     return model.to(device).eval()
