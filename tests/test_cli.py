@@ -16,7 +16,8 @@ def test_inspect_json_reports_headers(tiny_llama, cli):
     ckpt = Checkpoint(tiny_llama)
     assert info["architecture"] == "LlamaForCausalLM" and info["layers"] == 2 and info["hidden_size"] == 32
     assert info["parameters"] == ckpt.num_parameters
-    assert info["dtypes"] == {"float32": {"tensors": len(ckpt.tensors), "parameters": ckpt.num_parameters, "bytes": 4 * ckpt.num_parameters}}
+    assert info["dtypes"] == {"float32": {"tensors": len(ckpt.tensors), "elements": ckpt.num_parameters, "bytes": 4 * ckpt.num_parameters}}
+    assert info["packed"] is None
     vocab = ckpt.config["vocab_size"]
     assert info["largest"][0]["bytes"] == vocab * 32 * 4
     assert info["largest"][0]["name"] in ("lm_head.weight", "model.embed_tokens.weight")
@@ -28,6 +29,25 @@ def test_inspect_table(tiny_llama, cli):
     result = cli("inspect", tiny_llama)
     assert result.exit_code == 0
     assert "LlamaForCausalLM" in result.stdout and "largest tensors" in result.stdout and "dtype mix" in result.stdout
+
+
+def test_inspect_counts_packed_linears_by_their_logical_shape(tiny_llama, tmp_path, cli):
+    """14 linears (2 layers x q, k, v, o, gate, up, down) hold 18,432 weights; packed at 4 bits with
+    one fp32 scale per 32 weights they take 5 bits per weight. Parameters stay those of the dense model."""
+    from .test_evaluate import make_packed
+
+    packed = make_packed(tiny_llama, tmp_path / "packed")
+    result = cli("inspect", packed, "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    dense = Checkpoint(tiny_llama).num_parameters
+    assert info["parameters"] == dense == 39072 == Checkpoint(packed).num_parameters
+    assert info["packed"] == {"linears": 14, "parameters": 18432, "bytes": 11520, "bits_per_weight": 5.0}
+    assert info["dtypes"]["int32"] == {"tensors": 14, "elements": 18432 // 8, "bytes": 18432 // 2}  # 8 codes per word
+    assert info["dtypes"]["int64"] == {"tensors": 14, "elements": 28, "bytes": 224}  # the weight_shape pairs
+    table = cli("inspect", packed)
+    assert table.exit_code == 0
+    assert "39,072" in table.stdout and "14 holding 18,432 weights in 11.5 KB: 5.000 bits per weight" in table.stdout
 
 
 def test_copy_casts_and_reshards(tiny_llama, tmp_path, cli):
