@@ -425,3 +425,48 @@ def test_dequantize_in_row_chunks_is_exact_and_holds_one_tensor(tmp_path):
         assert np.array_equal(chunked, whole) and chunked.shape == x.shape
         # the float32 output plus one chunk's temporaries
         assert peak < 1.25 * x.nbytes, (qtype.name, peak, x.nbytes)
+
+
+def test_gpt2_as_transformers_loader_reads_it(tmp_path):
+    """GPT-2: Conv1D weights stored transposed by llama.cpp come back as (in, out); positions, biases
+    and the output head as transformers' loader reads them."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    side = tmp_path / "side"
+    side.mkdir()
+    vocab = train_tokenizer(side)
+    config = GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=128, n_inner=96, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2, 2)
+    tokens, merges = vocabulary(side)
+    writer = gguf.GGUFWriter(str(tmp_path / "g.gguf"), "gpt2")
+    writer.add_context_length(128)
+    writer.add_embedding_length(64)
+    writer.add_block_count(2)
+    writer.add_feed_forward_length(96)
+    writer.add_head_count(4)
+    writer.add_layer_norm_eps(1e-5)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * len(tokens))
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(0)
+    for name, x in state.items():
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        conv1d = name.endswith(".weight") and any(m in name for m in ("c_attn", "c_proj", "c_fc"))
+        writer.add_tensor(gguf_name, np.ascontiguousarray(x.T if conv1d else x))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    out = convert_gguf(tmp_path / "g.gguf", tmp_path / "out", dtype=torch.float32)
+    ours = Checkpoint(out)
+    assert ours.config["architectures"] == ["GPT2LMHeadModel"] and ours.config["n_positions"] == 128
+    for name, x in state.items():
+        assert np.array_equal(ours.get(name).numpy(), x), name
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="g.gguf", dtype=torch.float32, n_positions=128, n_inner=96).state_dict()
+    for name in ours.names():
+        assert torch.equal(ours.get(name), ref[name]), name

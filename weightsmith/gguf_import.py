@@ -64,6 +64,8 @@ class GGUFArch:
     ``norm_offset``: llama.cpp stored norm weights as ``w + offset`` (Gemma's ``1 + w``).
     ``ignore``: tensors llama.cpp adds that the Hugging Face model computes itself.
     ``config``: metadata keys (after ``<arch>.``) -> config.json keys, beyond transformers' table.
+    ``transpose``: leaves whose weight Hugging Face stores as (in, out) (GPT-2's ``Conv1D``) and
+    llama.cpp as (out, in).
     """
 
     model_type: str
@@ -74,6 +76,7 @@ class GGUFArch:
     norm_offset: float = 0.0
     ignore: tuple[str, ...] = ("rope_freqs",)
     config: Mapping[str, str] = field(default_factory=dict)
+    transpose: tuple[str, ...] = ()
 
 
 #: Gemma 2/3: a norm before and after both attention and MLP.
@@ -93,6 +96,17 @@ _PHI3_LAYER = {
     "ffn_down": "mlp.down_proj",
 }
 
+#: GPT-2: learned positions, biased LayerNorms and linears, fused qkv.
+_GPT2_TOP = {"token_embd": "transformer.wte", "position_embd": "transformer.wpe", "output_norm": "transformer.ln_f", "output": "lm_head"}
+_GPT2_LAYER = {
+    "attn_norm": "ln_1",
+    "attn_qkv": "attn.c_attn",
+    "attn_output": "attn.c_proj",
+    "ffn_norm": "ln_2",
+    "ffn_up": "mlp.c_fc",
+    "ffn_down": "mlp.c_proj",
+}
+
 #: GGUF ``general.architecture`` -> how to read it. llama.cpp writes Mistral (7B, Nemo) as ``llama``
 #: (the metadata has no sliding window), which converts to a Llama checkpoint of the same weights,
 #: as transformers' loader does.
@@ -105,6 +119,16 @@ GGUF_ARCHS: dict[str, GGUFArch] = {
     "gemma3": GGUFArch("gemma3_text", layer=_GEMMA_LAYER, norm_offset=1.0),
     # the long-context rotary factors are config in Hugging Face's Phi-3, not tensors
     "phi3": GGUFArch("phi3", layer=_PHI3_LAYER, ignore=("rope_freqs", "rope_factors_long", "rope_factors_short")),
+    # transformers' table files the context length as n_ctx and the MLP width under a key GPT-2
+    # does not read; the position table and MLP are sized by n_positions and n_inner
+    "gpt2": GGUFArch(
+        "gpt2",
+        top=_GPT2_TOP,
+        layer=_GPT2_LAYER,
+        layers_prefix="transformer.h",
+        config={"context_length": "n_positions", "feed_forward_length": "n_inner"},
+        transpose=("attn_qkv", "attn_output", "ffn_up", "ffn_down"),
+    ),
 }
 
 _BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
@@ -237,6 +261,8 @@ def _one_tensor(gguf: GGUFFile, config: Mapping[str, Any], gguf_name: str) -> np
             raise WeightsmithError(gguf.path, f"tensor {gguf_name!r}: {exc}") from None
     if arch.norm_offset and leaf.endswith("norm"):
         values = values - np.float32(arch.norm_offset)
+    if leaf in arch.transpose and values.ndim == 2:
+        values = np.ascontiguousarray(values.T)
     return values
 
 
