@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from merge.methods import METHODS
 from merge.params import Setting
 from weightsmith.errors import WeightsmithError
-from weightsmith.stformat import parse_dtype, torch_dtype
+from weightsmith.stformat import known_dtype_name, parse_dtype, torch_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -114,15 +114,7 @@ class MergeConfig(_Strict):
             raise ValueError(f"unknown merge method {value!r} (supported: {', '.join(METHODS)})")
         return value
 
-    @field_validator("dtype", "out_dtype")
-    @classmethod
-    def _known_dtype(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                parse_dtype(value)
-            except WeightsmithError as exc:
-                raise ValueError(exc.problem) from None
-        return value
+    _known_dtype = field_validator("dtype", "out_dtype")(known_dtype_name)
 
     @field_validator("tokenizer_source")
     @classmethod

@@ -26,17 +26,7 @@ class CopySettings(BaseModel):
         None, description="Cast floating tensors to this dtype: bf16, fp16 or fp32 (default: keep each tensor's own).", json_schema_extra={"metavar": "DTYPE"}
     )
 
-    @field_validator("dtype")
-    @classmethod
-    def _known_dtype(cls, value: str | None) -> str | None:
-        from weightsmith.stformat import parse_dtype
-
-        if value is not None:
-            try:
-                parse_dtype(value)
-            except WeightsmithError as exc:
-                raise ValueError(exc.problem) from None
-        return value
+    _known_dtype = field_validator("dtype")(known_dtype_name)
 
 
 def run(inputs: Sequence[Checkpoint], dest: Path, settings: CopySettings, runtime: Runtime) -> Report:

@@ -71,6 +71,17 @@ def parse_dtype(name: str) -> str:
     return _BY_USER_NAME[key]
 
 
+def known_dtype_name(value: str | None) -> str | None:
+    """``value`` unchanged when it is None or a dtype name :func:`parse_dtype` accepts, else
+    ValueError naming it: a validator for settings fields that hold a dtype."""
+    if value is not None:
+        try:
+            parse_dtype(value)
+        except WeightsmithError as exc:
+            raise ValueError(exc.problem) from None
+    return value
+
+
 def parse_torch_dtype(name: str) -> torch.dtype:
     """:func:`parse_dtype`, as a torch dtype (imports torch)."""
     return torch_dtype(parse_dtype(name))
