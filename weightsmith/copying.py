@@ -9,10 +9,9 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from weightsmith.errors import WeightsmithError
-
 from weightsmith.passes import Report
 from weightsmith.runtime import Runtime
+from weightsmith.stformat import known_dtype_name
 
 if TYPE_CHECKING:
     from weightsmith.checkpoint import Checkpoint
