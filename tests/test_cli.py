@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from weightsmith.checkpoint import Checkpoint
@@ -78,3 +79,17 @@ def test_help_explains_commands(cli):
     assert result.exit_code == 0
     for name in ("inspect", "eval", "convert", "copy", "fetch-demo-model", "demo"):
         assert name in result.stdout
+
+
+@pytest.mark.slow
+def test_demo_table_counts_logical_parameters_and_states_its_tokens(smollm2, assets, tmp_path, cli):
+    result = cli("demo", "--max-tokens", "1024", "--out", tmp_path / "demo")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())  # rich wraps the table to the runner's width
+    rows = [line for line in result.stdout.splitlines() if "before (reference)" in line or line.startswith("│ after")]
+    assert len(rows) == 2 and all("134,515,008" in row for row in rows)  # packed or not, the same weights
+    assert "1,024 tokens of wikitext2-test.raw (2 windows of up to 512), 1,022 scored" in text
+    assert "after: 4.250 bits per weight in its packed linears" in text  # 4-bit codes + a bf16 scale per 64
+    assert "no BOS" in text
+    assert "Warning" not in result.output
+    assert "evaluating before and after (windows): 2/2 done in" in result.stderr
