@@ -10,7 +10,7 @@ from which the output format is written: ``dense`` (dequantized weights in the m
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +27,9 @@ from weightsmith.calibkit import LayerInputs, input_statistics, layer_batches, w
 from weightsmith.calibrate import LayerStep, LayerwiseRunner, get_module, input_hooks, layer_output, require_finite
 from weightsmith.checkpoint import Checkpoint, CheckpointWriter
 from weightsmith.errors import WeightsmithError
+from weightsmith.passes import Report
 from weightsmith.provenance import Record
+from weightsmith.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -143,21 +145,24 @@ def quantize_checkpoint(
     calib_tokens: torch.Tensor | None = None,
     progress: Progress | None = None,
     record: Record | None = None,
+    seed: int = 0,
+    device: str = "cpu",
 ) -> QuantReport:
     """Quantize ``src`` into the checkpoint folder ``dest``. ``calib_tokens`` ([samples, seq_len]) is
-    required for GPTQ and AWQ (see :func:`calibration_tokens`)."""
+    required for GPTQ and AWQ (see :func:`calibration_tokens`); the calibrated layers run on
+    ``device``."""
     linears = select_linears(src, config)
     report = QuantReport()
     report.ragged = sorted(m for m, s in linears.items() if ragged_group_reason(s.grid, src.info(f"{m}.weight").shape[1]))
     out_config = packed_config(src.config, linears, report.ragged, config.act_order) if config.format == "packed" else None
-    record = record or Record("quantize", config.model_dump(mode="json"), seed=config.seed)
+    record = record or Record("quantize", config.model_dump(mode="json"), seed=seed)
     record.add_input(src.folder, src.files, src.provenance)
     writer_args = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     with CheckpointWriter(dest, force=force, source=src.folder, config=out_config, record=record, **writer_args) as writer:
         if config.calibrated:
             if calib_tokens is None:
                 raise WeightsmithError(None, f"{config.method} needs calibration tokens")
-            _layerwise(src, writer, config, linears, calib_tokens, report, progress)
+            _layerwise(src, writer, config, linears, calib_tokens, report, progress, device)
         else:
             _streaming(src, writer, config, linears, report, progress)
         record.figures.update(report.figures())
@@ -203,8 +208,9 @@ def _layerwise(
     tokens: torch.Tensor,
     report: QuantReport,
     progress: Progress | None,
+    device: str = "cpu",
 ) -> None:
-    runner = LayerwiseRunner(src, tokens, batch_size=config.batch_size, dtype=calibration_dtype(config))
+    runner = LayerwiseRunner(src, tokens, batch_size=config.batch_size, dtype=calibration_dtype(config), device=device)
     arch = runner.arch
     layer_prefixes = tuple(arch.layer_prefix(i) for i in range(runner.num_layers))
     for name in src.names():
@@ -388,8 +394,8 @@ def calibration_dtype(config: QuantizeConfig) -> torch.dtype:
     return torch.float32
 
 
-def calibration_tokens(ckpt: Checkpoint, config: QuantizeConfig) -> torch.Tensor:
-    """``config.samples`` blocks of ``config.seq_len`` tokens of the calibration text, by seed."""
+def calibration_tokens(ckpt: Checkpoint, config: QuantizeConfig, seed: int = 0) -> torch.Tensor:
+    """``config.samples`` blocks of ``config.seq_len`` tokens of the calibration text, drawn by ``seed``."""
     from weightsmith.data import text_blocks
     from weightsmith.models import load_tokenizer
     from weightsmith.paths import asset, assets_dir
@@ -397,4 +403,26 @@ def calibration_tokens(ckpt: Checkpoint, config: QuantizeConfig) -> torch.Tensor
     path = Path(config.calib) if config.calib else asset(CALIB_ASSET)
     if path is None:
         raise WeightsmithError(assets_dir() / CALIB_ASSET, "default calibration text not found; pass --calib FILE")
-    return text_blocks(load_tokenizer(ckpt.folder), path, config.seq_len, config.samples, config.seed)
+    return text_blocks(load_tokenizer(ckpt.folder), path, config.seq_len, config.samples, seed)
+
+
+def run(inputs: Sequence[Checkpoint], dest: Path, settings: QuantizeConfig, runtime: Runtime) -> Report:
+    """The quantize pass as the registry runs it (:mod:`weightsmith.passes`)."""
+    src = inputs[0]
+    tokens = calibration_tokens(src, settings, runtime.seed) if settings.calibrated else None
+    done = quantize_checkpoint(
+        src,
+        dest,
+        settings,
+        force=runtime.force,
+        max_shard_size=runtime.max_shard_size,
+        calib_tokens=tokens,
+        progress=runtime.progress,
+        seed=runtime.seed,
+        device=runtime.device,
+    )
+    extra = {k: v for k, v in done.figures().items() if k != "bits_per_weight"}
+    if done.ragged:
+        extra["ragged_last_group"] = len(done.ragged)
+    grid = f"W{settings.bits} g{settings.group_size} {'sym' if settings.symmetric else 'asym'}"
+    return Report("quantize", dest, bits_per_weight=done.bits_per_weight, extra=extra, title=f"{settings.method} {grid} ({settings.format})")
