@@ -19,7 +19,6 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from weightsmith.errors import WeightsmithError
@@ -101,16 +100,11 @@ def main_options(
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-def progress_bar() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-    )
+def progress_bar():
+    """Progress on stderr: a live bar on a terminal, plain lines anywhere else."""
+    from weightsmith.progress import progress_display
+
+    return progress_display(err)
 
 
 def open_checkpoint(spec: str, allow_pickle: bool = False):
