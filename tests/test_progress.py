@@ -30,31 +30,35 @@ def test_plain_progress_writes_first_periodic_and_last_lines():
     stream, clock = io.StringIO(), FakeClock()
     with PlainProgress(stream, interval=10.0, clock=clock) as bar:
         task = bar.add_task("evaluating", total=None)
-        assert stream.getvalue() == ""  # nothing before the first update: a failing load stays one error line
         for i in range(1, 9):
             clock.now += 3.0
             bar.update(task, completed=i, total=8)
+            if i < 4:
+                assert stream.getvalue() == ""  # nothing in the first interval: a failure stays one error line
     assert stream.getvalue().splitlines() == [
-        "evaluating: 1/8 (12%), 0:03 elapsed, about 0:21 left",
-        "evaluating: 5/8 (62%), 0:15 elapsed, about 0:09 left",  # 12 s after the first line
-        "evaluating: 8/8 done in 0:24",
+        "evaluating: 4/8 (50%), 0:12 elapsed, about 0:12 left",  # the first update after 10 s
+        "evaluating: 8/8 done in 0:24",  # 12 s later, but the last update writes at once
     ]
 
 
 def test_plain_progress_new_description_gets_a_line_and_advance_counts():
     stream, clock = io.StringIO(), FakeClock()
     bar = PlainProgress(stream, interval=60.0, clock=clock)
-    task = bar.add_task("recipe", total=2)
-    bar.update(task, completed=0, description="step 1/2: quantize")
+    task = bar.add_task("recipe", total=3)
+    bar.update(task, completed=0, description="step 1/3: quantize")
     clock.now += 1.0
-    bar.update(task, completed=1, description="step 2/2: merge")
+    bar.update(task, completed=1, description="step 2/3: merge")
+    assert stream.getvalue() == ""  # a new phase before any line was due: still quiet
+    clock.now += 60.0
+    bar.update(task, completed=1)
+    bar.update(task, completed=2, description="step 3/3: quantize")  # a new phase once lines show: at once
     clock.now += 1.0
     bar.advance(task)
-    bar.update(task, completed=2)  # already finished: no second closing line
+    bar.update(task, completed=3)  # already finished: no second closing line
     assert stream.getvalue().splitlines() == [
-        "step 1/2: quantize: 0/2 (0%), 0:00 elapsed",
-        "step 2/2: merge: 1/2 (50%), 0:01 elapsed, about 0:01 left",
-        "step 2/2: merge: 2/2 done in 0:02",
+        "step 2/3: merge: 1/3 (33%), 1:01 elapsed, about 2:02 left",
+        "step 3/3: quantize: 2/3 (67%), 1:01 elapsed, about 0:30 left",
+        "step 3/3: quantize: 3/3 done in 1:02",
     ]
 
 

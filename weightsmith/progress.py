@@ -51,8 +51,10 @@ class _Task:
 
 
 class PlainProgress:
-    """Progress as plain lines on ``stream``: at a task's first update, then at most every
-    ``interval`` seconds of ``clock``, and when its count reaches its total."""
+    """Progress as plain lines on ``stream``: once a task has run ``interval`` seconds of
+    ``clock``, then at most every ``interval`` seconds, at once when a task that has shown a line
+    enters a new phase (description), and when its count reaches its total. Work that fails before
+    its first interval leaves stderr to its one error line."""
 
     def __init__(self, stream: TextIO, interval: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.stream = stream
@@ -87,9 +89,9 @@ class PlainProgress:
     ) -> None:
         task = self.tasks[task_id]
         now = self.clock()
-        if description is not None and description != task.description:
+        new_phase = description is not None and description != task.description
+        if new_phase:
             task.description = description
-            task.last_line = None  # a new phase is worth a line at once
         if total is not None:
             task.total = total
         if completed is not None:
@@ -101,7 +103,7 @@ class PlainProgress:
         if task.total is not None and task.completed >= task.total:
             task.finished = True
             self._write(task, now)
-        elif task.last_line is None or now - task.last_line >= self.interval:
+        elif (new_phase and task.last_line is not None) or now - (task.last_line if task.last_line is not None else task.started) >= self.interval:
             self._write(task, now)
 
     def advance(self, task_id: int, advance: float = 1) -> None:
