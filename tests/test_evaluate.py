@@ -201,7 +201,7 @@ def test_eval_cli_writes_json(tiny_llama, tmp_path, cli):
     assert "first 128 tokens, non-overlapping 32-token windows" in doc["protocol"]
     assert f"{doc['perplexity']:.3f}" in result.stdout
     # stderr is no terminal here: progress comes as plain lines, not a live bar that shows nothing
-    assert "evaluating (windows): 1/4 (25%), " in result.stderr and "evaluating (windows): 4/4 done in" in result.stderr
+    assert "evaluating (windows): 4/4 done in" in result.stderr
 
 
 def test_eval_missing_text_is_one_line(tiny_llama, tmp_path, cli):
