@@ -20,24 +20,10 @@ from compress.awq import (
 from compress.grid import QuantGrid, fake_quantize, mse_clip_search, quantize
 from compress.gptq import accumulate_hessian, gptq_quantize, hessian_clip_search
 
-OUTLIERS = [3, 17, 64, 100]
-
-
-def _inputs(n: int, seed: int, width: int = 128) -> torch.Tensor:
-    """Correlated activations (a 16-dim latent plus noise) with a few x20 outlier channels."""
-    g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(16, width, generator=torch.Generator().manual_seed(1234))
-    x = torch.randn(n, 16, generator=g) @ mix + 0.3 * torch.randn(n, width, generator=g)
-    x[:, [c for c in OUTLIERS if c < width]] *= 20
-    return x
-
-
-def _weight(out: int = 64, inp: int = 128, seed: int = 0) -> torch.Tensor:
-    return torch.randn(out, inp, generator=torch.Generator().manual_seed(seed)) * 0.05
-
-
-def _out_err(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float:
-    return float(torch.linalg.norm(x @ w.T - x @ w_hat.T))
+from .layers import OUTLIERS
+from .layers import outlier_inputs as _inputs
+from .layers import output_error as _out_err
+from .layers import random_weight as _weight
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -10,24 +10,9 @@ from compress.gptq import gptq_quantize
 from compress.obs import inverse_cholesky, joint_step, obs_sweep, prune_step, zero_dead_inputs
 from weightsmith.calibkit import accumulate_hessian
 
-OUTLIERS = [3, 17, 64, 100]
-
-
-def _inputs(n: int, seed: int, width: int = 128) -> torch.Tensor:
-    """Correlated activations (a 16-dim latent plus noise) with a few x20 outlier channels."""
-    g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(16, width, generator=torch.Generator().manual_seed(1234))
-    x = torch.randn(n, 16, generator=g) @ mix + 0.3 * torch.randn(n, width, generator=g)
-    x[:, [c for c in OUTLIERS if c < width]] *= 20
-    return x
-
-
-def _weight(out: int = 64, inp: int = 128, seed: int = 0) -> torch.Tensor:
-    return torch.randn(out, inp, generator=torch.Generator().manual_seed(seed)) * 0.05
-
-
-def _out_err(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float:
-    return float(torch.linalg.norm(x @ w.T - x @ w_hat.T))
+from .layers import outlier_inputs as _inputs
+from .layers import output_error as _out_err
+from .layers import random_weight as _weight
 
 
 def _textbook_gptq(w: torch.Tensor, H: torch.Tensor, grid: QuantGrid, damp: float = 0.01) -> torch.Tensor:
