@@ -100,7 +100,7 @@ class QuantizeConfig(BaseModel):
         json_schema_extra={"flags": ["--symmetric/--asymmetric", "--sym/--asym"]},
     )
     act_order: bool = Field(False, description="GPTQ: process columns by decreasing Hessian diagonal (static groups).")
-    damp: float = Field(0.01, gt=0, allow_inf_nan=False, description="GPTQ dampening, a fraction of the mean Hessian diagonal.")
+    damp: float = Field(0.01, gt=0, le=1, allow_inf_nan=False, description="GPTQ dampening, a fraction of the mean Hessian diagonal (at most 1).")
     block_size: int = Field(128, ge=1, description="GPTQ: columns updated together before the error is carried to the rest.")
     clip: bool = Field(
         False,
