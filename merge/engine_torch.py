@@ -19,15 +19,7 @@ from weightsmith.checkpoint import CheckpointWriter
 from weightsmith.errors import WeightsmithError
 from weightsmith.stformat import DTYPES, st_dtype
 
-__all__ = ["TorchEngine", "check_device", "chunk_workers"]
-
-
-def check_device(device: str) -> None:
-    """Refuse a device torch cannot use before any work starts."""
-    try:
-        torch.empty(1, device=device)
-    except (RuntimeError, AssertionError) as exc:
-        raise WeightsmithError(None, f"device {device!r} is not usable: {str(exc).splitlines()[0]}") from None
+__all__ = ["TorchEngine", "chunk_workers"]
 
 
 @contextmanager

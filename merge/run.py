@@ -213,7 +213,7 @@ def merge_checkpoints(
     if engine not in ENGINES:
         raise WeightsmithError(None, f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
     if device != "cpu" or engine == "torch":
-        from merge.engine_torch import check_device
+        from weightsmith.runtime import check_device
 
         check_device(device)
     if dest.exists() and not force:

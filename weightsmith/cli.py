@@ -24,8 +24,8 @@ from rich.table import Table
 from weightsmith.errors import WeightsmithError
 from weightsmith.runtime import parse_size
 
-class _Command(TyperCommand):
-    """A command whose --help flag, like every other flag, shows no value placeholder."""
+class _PlainHelpFlag:
+    """For commands and the group: the --help flag, like every other flag, shows no value placeholder."""
 
     def get_help_option(self, ctx):
         option = super().get_help_option(ctx)
@@ -34,12 +34,12 @@ class _Command(TyperCommand):
         return option
 
 
-class _Group(TyperGroup):
-    def get_help_option(self, ctx):
-        option = super().get_help_option(ctx)
-        if option is not None:
-            option.metavar = ""
-        return option
+class _Command(_PlainHelpFlag, TyperCommand):
+    pass
+
+
+class _Group(_PlainHelpFlag, TyperGroup):
+    pass
 
 
 app = typer.Typer(

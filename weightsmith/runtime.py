@@ -16,14 +16,12 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from weightsmith.checkpoint import DEFAULT_MAX_SHARD_SIZE
 from weightsmith.errors import WeightsmithError
 
-__all__ = ["DEFAULT_SHARD_SIZE", "Progress", "Runtime", "default_threads", "parse_size", "torch_threads"]
+__all__ = ["Progress", "Runtime", "check_device", "default_threads", "parse_size", "torch_threads"]
 
 log = logging.getLogger(__name__)
-
-#: Output shards are cut at this size unless told otherwise (the Hugging Face convention's order).
-DEFAULT_SHARD_SIZE = 2 * 10**9
 
 #: ``progress(done, total, what)``: called by long passes after each unit of work (tensor, layer).
 Progress = Callable[[int, int, str], None]
@@ -63,7 +61,7 @@ class Runtime:
     #: where recipes keep their intermediate outputs and temporary folders (default: the system's)
     workdir: Path | None = None
     #: output shards are cut at this many bytes
-    max_shard_size: int = DEFAULT_SHARD_SIZE
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
     #: overwrite an existing destination
     force: bool = False
     #: accept pickle checkpoints (.bin/.pt), loaded with torch.load(weights_only=True)
@@ -79,28 +77,9 @@ class Runtime:
         if not self.device or not isinstance(self.device, str):
             raise WeightsmithError(None, f"device must be a torch device name such as cpu or cuda, got {self.device!r}")
 
-    @property
-    def workers(self) -> int:
-        """The thread count to use: ``threads``, or one per core (at most 8)."""
-        return self.threads if self.threads is not None else default_threads()
-
     def with_(self, **changes: object) -> Runtime:
         """A copy with some fields changed."""
         return replace(self, **changes)
-
-    def report(self, done: int, total: int, what: str) -> None:
-        """Forward progress to the caller's callback, if any."""
-        if self.progress is not None:
-            self.progress(done, total, what)
-
-    def check_device(self) -> None:
-        """Refuse a device torch cannot use before any work starts (imports torch)."""
-        import torch
-
-        try:
-            torch.empty(1, device=self.device)
-        except (RuntimeError, AssertionError, ValueError) as exc:
-            raise WeightsmithError(None, f"device {self.device!r} is not usable: {str(exc).splitlines()[0]}") from None
 
     @contextmanager
     def applied(self, *, uses_torch: bool = True, keep_freed_memory: bool = False) -> Iterator[Runtime]:
@@ -111,7 +90,7 @@ class Runtime:
         with ExitStack() as stack:
             if uses_torch:
                 if self.device != "cpu":
-                    self.check_device()
+                    check_device(self.device)
                 if self.threads is not None:
                     stack.enter_context(torch_threads(self.threads))
             if keep_freed_memory:
@@ -119,6 +98,16 @@ class Runtime:
 
                 stack.enter_context(kept_freed_memory())
             yield self
+
+
+def check_device(device: str) -> None:
+    """Refuse a device torch cannot use before any work starts (imports torch)."""
+    import torch
+
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        raise WeightsmithError(None, f"device {device!r} is not usable: {str(exc).splitlines()[0]}") from None
 
 
 @contextmanager
