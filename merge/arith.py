@@ -31,7 +31,7 @@ import numpy as np
 from merge.chunks import PMap, chunks, serial_map
 from merge.npmath import random_keep, round_to
 
-__all__ = ["Arith", "Array", "Group", "NumpyArith", "TorchArith", "accumulate", "arith_of", "emit_chunks", "vote_sum", "whole_group"]
+__all__ = ["Arith", "Array", "Group", "NumpyArith", "TorchArith", "accumulate", "arith_of", "emit_chunks", "emit_result", "vote_sum", "whole_group"]
 
 #: An array of the engine's library (numpy ndarray or torch Tensor).
 Array = Any
@@ -233,9 +233,27 @@ class Group:
     per_input: Sequence[dict[str, Any]]
     seeds: Sequence[int] = field(default_factory=tuple)
     pmap: PMap = serial_map
+    #: takes a whole result in the dtype the method computed it (see :func:`emit_result`); None
+    #: where the engine cannot keep it
+    result: Callable[[Array], None] | None = None
 
     def others(self) -> list[int]:
         return [i for i in range(self.count) if i != self.base]
+
+    def whole(self, i: int) -> Array:
+        """Input ``i`` whole, in its shape, as values of the compute dtype."""
+        return self.arith.xp.reshape(self.values(i, slice(0, self.numel)), self.shape)
+
+
+def emit_result(g: Group, x: Array) -> None:
+    """A method's whole result (``g.shape``), written in the dtype the method computed it in when
+    the engine keeps it — mergekit writes a method's result as it is when the config gives no
+    ``out_dtype``, and some methods compute in float32 from 16-bit inputs — else rounded to the
+    output like any chunk."""
+    if g.result is not None:
+        g.result(x)
+    else:
+        g.emit(slice(0, g.numel), g.arith.xp.reshape(x, (-1,)))
 
 
 def emit_chunks(g: Group, chunk: Callable[[int, slice], Array]) -> None:
@@ -265,9 +283,12 @@ def whole_group(
     flats = [a.xp.reshape(x, (-1,)) for x in arrays]
     numel = flats[0].shape[0]
     out = a.xp.empty_like(flats[0])
+    kept: list[Array] = []
 
     def emit(part: slice, x: Array) -> None:
         out[part] = x
 
-    group = Group(a, numel, shape, len(arrays), lambda i, p: flats[i][p], emit, base, shared or {}, per_input or [{}] * len(arrays), seeds, pmap)
-    return group, lambda: a.xp.reshape(out, shape)
+    group = Group(
+        a, numel, shape, len(arrays), lambda i, p: flats[i][p], emit, base, shared or {}, per_input or [{}] * len(arrays), seeds, pmap, kept.append
+    )
+    return group, lambda: kept[0] if kept else a.xp.reshape(out, shape)

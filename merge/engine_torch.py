@@ -69,6 +69,7 @@ class TorchEngine:
         flats = [t.to(dtype).reshape(-1) for t in tensors]
         numel = flats[0].numel()
         out = torch.empty(numel, dtype=dtype, device=self.device)
+        kept: list[Tensor] = []
 
         def emit(part: slice, x: Tensor) -> None:
             out[part] = x
@@ -85,9 +86,10 @@ class TorchEngine:
             job.per_input,
             self.seeds(job),
             self.pmap,
+            kept.append,
         )
         self.plan.method.apply(group)
-        result = out.reshape(tensors[0].shape)
+        result = kept[0] if kept else out.reshape(tensors[0].shape)
         if self.output_dtype is not None:
             result = result.to(self.output_dtype)
         return result.to("cpu").contiguous()

@@ -23,7 +23,11 @@ __all__ = ["METHODS", "BasePolicy", "Method", "method_named"]
 
 
 class BasePolicy(str, Enum):
+    """What a method does with ``base_model``: needs it (``required``), uses it when given
+    (``optional``), or takes it as one more input like the others (``ignored``)."""
+
     required = "required"
+    optional = "optional"
     ignored = "ignored"
 
 
@@ -35,6 +39,9 @@ class Method:
     base: BasePolicy = BasePolicy.ignored
     min_inputs: int = 1
     max_inputs: int | None = None
+    #: bounds on the inputs other than the base (for methods with a base)
+    min_non_base: int | None = None
+    max_non_base: int | None = None
     random: bool = False
     paper: str = ""
     #: whether the numpy engine runs it (the math uses only the array API and :class:`merge.arith.Arith`)
@@ -42,6 +49,10 @@ class Method:
 
     def param(self, name: str) -> ParamSpec | None:
         return next((p for p in self.params if p.name == name), None)
+
+    @property
+    def uses_base(self) -> bool:
+        return self.base is not BasePolicy.ignored
 
 
 def _linear(g: Group) -> None:
@@ -62,16 +73,11 @@ def _slerp(g: Group) -> None:
     slerp_group(g, g.shared["t"])
 
 
-def _whole(g: Group, i: int) -> Any:
-    """Input ``i`` whole, in its shape."""
-    return g.values(i, slice(0, g.numel)).reshape(g.shape)
-
-
 def _model_stock(g: Group) -> None:
     from merge.model_stock import model_stock
 
     assert g.base is not None
-    merged = model_stock(_whole(g, g.base), [_whole(g, i) for i in g.others()], filter_wise=g.shared["filter_wise"])
+    merged = model_stock(g.whole(g.base), [g.whole(i) for i in g.others()], filter_wise=g.shared["filter_wise"])
     g.emit(slice(0, g.numel), merged.reshape(-1))
 
 

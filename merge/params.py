@@ -38,6 +38,7 @@ Setting = Condition | list[Condition] | Scalar | list[Scalar]
 
 class Kind(str, Enum):
     number = "number"
+    integer = "integer"
     flag = "flag"
 
 
@@ -65,9 +66,14 @@ class ParamSpec:
         return self.default is REQUIRED
 
 
-def to_kind(value: Any, kind: Kind) -> float | bool:
-    """``value`` as a number or a flag; ValueError says why not. Numbers may be written as strings
-    (YAML reads ``1e-3`` as a string)."""
+def to_kind(value: Any, kind: Kind) -> float | int | bool:
+    """``value`` as a number, an integer or a flag; ValueError says why not. Numbers may be written
+    as strings (YAML reads ``1e-3`` as a string); an integer may be written as a whole float."""
+    if kind is Kind.integer:
+        number = to_kind(value, Kind.number)
+        if not float(number).is_integer():
+            raise ValueError(f"{value!r} is not an integer")
+        return int(number)
     if kind is Kind.flag:
         if isinstance(value, bool):
             return value
@@ -88,9 +94,9 @@ def to_kind(value: Any, kind: Kind) -> float | bool:
     raise ValueError(f"{value!r} is not a number")
 
 
-def _gradient(values: list[Any], t: float, kind: Kind) -> float | bool:
+def _gradient(values: list[Any], t: float, kind: Kind) -> float | int | bool:
     typed = [to_kind(v, kind) for v in values]
-    if kind is Kind.flag:
+    if kind in (Kind.flag, Kind.integer):
         return typed[int(t * (len(typed) - 1))]
     scaled = t * (len(typed) - 1)
     low = int(scaled)
@@ -99,7 +105,7 @@ def _gradient(values: list[Any], t: float, kind: Kind) -> float | bool:
     return (1 - frac) * typed[low] + frac * typed[high]
 
 
-def evaluate(setting: Setting | None, tensor_name: str, t: float, kind: Kind) -> float | bool | None:
+def evaluate(setting: Setting | None, tensor_name: str, t: float, kind: Kind) -> float | int | bool | None:
     """The value ``setting`` gives the tensor ``tensor_name`` at depth ``t``, or None when no
     condition matches (or the list is empty)."""
     if setting is None:

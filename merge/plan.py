@@ -154,6 +154,15 @@ def _vocabulary(folder: Path) -> Any:
     return vocab, [(t.get("id"), t.get("content")) for t in added or [] if isinstance(t, dict)]
 
 
+def _count_problem(what: str, count: int, least: int, most: int | None, note: str) -> str | None:
+    """What is wrong with ``count`` inputs for bounds ``[least, most]`` (None: no upper bound), or
+    None."""
+    if count >= least and (most is None or count <= most):
+        return None
+    bound = f"exactly {least}" if least == most else f"at least {least}" if most is None else f"{least} to {most}"
+    return f"{bound} {what}{'' if bound == 'exactly 1' else 's'} ({note}), got {count}"
+
+
 class _Planner:
     def __init__(self, config: MergeConfig, inputs: list[MergeInput], index: dict[str, int], where: Path | None, strict: bool = False) -> None:
         self.config = config
@@ -168,6 +177,11 @@ class _Planner:
 
     def label(self, model: int) -> str:
         return self.inputs[model].reference
+
+    def base_of(self, piece: _Slice) -> int | None:
+        """The slice's base as the method sees it: none for a method that takes the base as one
+        more input."""
+        return piece.base if self.method.uses_base else None
 
     # ---- whole-model checks ---------------------------------------------------------------------
     def check_configs(self, donor: int) -> None:
@@ -241,17 +255,12 @@ class _Planner:
         if method.base is BasePolicy.required and (piece.base is None or piece.base not in models):
             self.problems.add(f"{where}: {method.name} needs a base_model among its inputs")
             ok = False
-        if len(models) < method.min_inputs or (method.max_inputs is not None and len(models) > method.max_inputs):
-            bound = (
-                f"exactly {method.min_inputs}"
-                if method.min_inputs == method.max_inputs
-                else f"at least {method.min_inputs}"
-                if method.max_inputs is None
-                else f"{method.min_inputs} to {method.max_inputs}"
-            )
-            self.problems.add(
-                f"{where}: {method.name} takes {bound} input model{'s' if bound != 'exactly 1' else ''} (base included), got {len(models)}"
-            )
+        problem = _count_problem("input model", len(models), method.min_inputs, method.max_inputs, "base included")
+        has_base = method.uses_base and piece.base is not None and piece.base in models
+        if problem is None and (method.min_non_base is not None or method.max_non_base is not None):
+            problem = _count_problem("model", len(models) - has_base, method.min_non_base or 0, method.max_non_base, "besides the base")
+        if problem is not None:
+            self.problems.add(f"{where}: {method.name} takes {problem}")
             ok = False
         if len({end - start for _, start, end, _ in piece.sources}) > 1:
             spans = ", ".join(f"{self.label(m)} {end - start}" for m, start, end, _ in piece.sources)
@@ -278,7 +287,7 @@ class _Planner:
             levels = (*own, piece.parameters, config.parameters)
             values = {}
             for spec in method.params:
-                if spec.scope is Scope.input or (spec.scope is Scope.non_base and source.model != piece.base):
+                if spec.scope is Scope.input or (spec.scope is Scope.non_base and source.model != self.base_of(piece)):
                     values[spec.name] = self.resolve(spec, levels, source.name, t, source.model)
             per_input.append(values)
         return shared, tuple(per_input)
@@ -315,7 +324,7 @@ class _Planner:
         if not ok:
             return
         shared, per_input = self.parameters(piece, out_name, sources, t)
-        base = next((i for i, s in enumerate(sources) if s.model == piece.base), None) if self.method.base is BasePolicy.required else None
+        base = next((i for i, s in enumerate(sources) if s.model == self.base_of(piece)), None)
         self.jobs.append(Job(out_name, tuple(sources), base, shared, per_input))
 
     def outside_layers(self, piece: _Slice, part: str) -> None:
