@@ -87,6 +87,30 @@ def _passthrough(g: Group) -> None:
     g.emit(slice(0, g.numel), passthrough(g.values(0, slice(0, g.numel)), g.per_input[0]["scale"]))
 
 
+def _arcee_fusion(g: Group) -> None:
+    from merge.arcee_fusion import arcee_fusion_group
+
+    arcee_fusion_group(g)
+
+
+def _nearswap(g: Group) -> None:
+    from merge.nearswap import nearswap_group
+
+    nearswap_group(g)
+
+
+def _ram(g: Group) -> None:
+    from merge.ram import ram_group
+
+    ram_group(g)
+
+
+def _ramplus_tl(g: Group) -> None:
+    from merge.ram import ramplus_tl_group
+
+    ramplus_tl_group(g)
+
+
 def _delta(sparsification: Sparsification | None, consensus: Consensus | None) -> Callable[[Group], None]:
     def apply(g: Group) -> None:
         from merge.task_arithmetic import merge_deltas_group
@@ -161,6 +185,29 @@ METHODS: dict[str, Method] = {
             (ParamSpec("scale", Kind.number, Scope.input, None),),
             max_inputs=1,
             paper="https://arxiv.org/abs/2312.15166",
+        ),
+        # the quantiles of tensors over a million entries come from a seeded sample: random
+        Method("arcee_fusion", _arcee_fusion, base=BasePolicy.required, min_inputs=2, max_inputs=2, random=True, paper="https://arcee.ai"),
+        Method(
+            "nearswap",
+            _nearswap,
+            (ParamSpec("t", Kind.number, Scope.shared),),
+            base=BasePolicy.required,
+            min_inputs=2,
+            max_inputs=2,
+            paper="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+        ),
+        Method("ram", _ram, (ParamSpec("epsilon", Kind.number, Scope.shared, 1e-5),), base=BasePolicy.required, paper="https://arxiv.org/abs/2601.13572"),
+        Method(
+            "ramplus_tl",
+            _ramplus_tl,
+            (
+                ParamSpec("r", Kind.number, Scope.shared, 0.1),
+                ParamSpec("alpha", Kind.number, Scope.shared, 0.2),
+                ParamSpec("epsilon", Kind.number, Scope.shared, 1e-5),
+            ),
+            base=BasePolicy.required,
+            paper="https://arxiv.org/abs/2601.13572",
         ),
     )
 }
