@@ -8,6 +8,7 @@ against the array API run in both engines; ``numpy=False`` marks the ones that n
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -46,6 +47,9 @@ class Method:
     paper: str = ""
     #: whether the numpy engine runs it (the math uses only the array API and :class:`merge.arith.Arith`)
     numpy: bool = False
+    #: what is wrong with the parameters resolved for one input (a line naming the parameter), or
+    #: None; the plan collects these with its other problems
+    check: Callable[[dict[str, Any]], str | None] | None = None
 
     def param(self, name: str) -> ParamSpec | None:
         return next((p for p in self.params if p.name == name), None)
@@ -211,6 +215,50 @@ METHODS: dict[str, Method] = {
         ),
     )
 }
+
+
+# ---- DELLA (the delta family with MagPrune, merge.task_arithmetic) and SCE (merge.sce) ----
+
+
+def _della_check(params: dict[str, Any]) -> str | None:
+    from merge.flags import della_problem
+
+    if params.get("density") is None or params.get("epsilon") is None:
+        return None  # the base, or a value the plan already reported
+    return della_problem(params["density"], params["epsilon"])
+
+
+def _della_method(name: str, consensus: Consensus | None, normalize: bool) -> Method:
+    """The delta family's entry with DELLA's sparsification: its ``epsilon`` (the spread of the keep
+    probabilities around ``density``), random draws, both engines."""
+    family = _delta_method(name, "https://arxiv.org/abs/2406.11617", Sparsification.della, consensus, normalize, True)
+    params = (*family.params, ParamSpec("epsilon", Kind.number, Scope.non_base, 0.15))
+    return dataclasses.replace(family, params=params, random=True, numpy=True, check=_della_check)
+
+
+def _sce(g: Group) -> None:
+    from merge.arith import emit_result
+    from merge.sce import sce
+
+    assert g.base is not None
+    merged = sce(g.whole(g.base), [g.whole(i) for i in g.others()], select_topk=g.shared["select_topk"], int8_mask=g.shared["int8_mask"])
+    emit_result(g, merged)
+
+
+METHODS.update(
+    (m.name, m)
+    for m in (
+        _della_method("della", Consensus.sum, True),
+        _della_method("della_linear", None, False),
+        Method(
+            "sce",
+            _sce,
+            (ParamSpec("int8_mask", Kind.flag, Scope.shared, False), ParamSpec("select_topk", Kind.number, Scope.shared, 1.0)),
+            base=BasePolicy.required,
+            paper="https://arxiv.org/abs/2408.07990",
+        ),
+    )
+)
 
 
 def method_named(name: str) -> Method:

@@ -289,6 +289,8 @@ class _Planner:
             for spec in method.params:
                 if spec.scope is Scope.input or (spec.scope is Scope.non_base and source.model != self.base_of(piece)):
                     values[spec.name] = self.resolve(spec, levels, source.name, t, source.model)
+            if method.check is not None and (problem := method.check({**shared, **values})) is not None:
+                self.problems.add(f"{problem} for {self.label(source.model)}")
             per_input.append(values)
         return shared, tuple(per_input)
 

@@ -12,12 +12,17 @@ dare_linear       random              none               no         yes
 dare_ties         random              sum                no         yes
 breadcrumbs       outliers            none               no         no
 breadcrumbs_ties  outliers            sum                no         no
+della             della               sum                yes        yes
+della_linear      della               none               no         yes
 ================  ==================  =================  =========  =======
 
 Papers: task arithmetic, Ilharco et al. 2023, https://arxiv.org/abs/2212.04089; TIES-Merging,
 Yadav et al. 2023, https://arxiv.org/abs/2306.01708; DARE, Yu et al. 2024,
 https://arxiv.org/abs/2311.03099; Model Breadcrumbs, Davari & Belilovsky 2024,
-https://arxiv.org/abs/2312.06795.
+https://arxiv.org/abs/2312.06795; DELLA-Merging, Deep et al. 2024, https://arxiv.org/abs/2406.11617.
+
+DELLA ranks magnitudes within rows, so its chunks hold whole rows
+(:func:`merge.sparsify.della_chunk_size`); the other methods cut tensors at fixed offsets.
 
 The arithmetic runs in the compute dtype (the config's ``dtype``, else the inputs' promoted dtype),
 rounding wherever torch's arithmetic in that dtype rounds, and follows mergekit 0.1.5's order of
@@ -28,10 +33,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from merge.arith import Array, Group, accumulate, emit_chunks, vote_sum, whole_group
+from merge.arith import Array, Group, accumulate, vote_sum, whole_group
 from merge.chunks import PMap, chunks, serial_map
 from merge.flags import Consensus, Sparsification
-from merge.sparsify import Sparsifier, random_sparsifier, ranked_sparsifier
+from merge.sparsify import Sparsifier, della_chunk_size, della_sparsifier, random_sparsifier, ranked_sparsifier
 
 __all__ = ["Consensus", "Sparsification", "merge_deltas", "merge_deltas_group", "sign_agreement"]
 
@@ -59,9 +64,9 @@ def merge_deltas_group(
     ``combine`` sums the weighted deltas; with ``consensus`` it sums only those agreeing with the
     elected sign. With ``normalize`` the sum is divided by the sum of the weights that took part
     (per entry under consensus). Per input: ``weight``, ``density`` (default 1: nothing dropped),
-    ``gamma`` (breadcrumbs, default 0) and, for random drops, the group's seed. ``rescale`` keeps
-    each sparsified task vector's L1 norm (measured in a first pass over the chunks, whose
-    sparsified chunks the merge pass then takes).
+    ``gamma`` (breadcrumbs, default 0), ``epsilon`` (DELLA, default 0) and, for random drops, the
+    group's seed. ``rescale`` keeps each sparsified task vector's L1 norm (measured in a first pass
+    over the chunks, whose sparsified chunks the merge pass then takes).
     """
     a = g.arith
     xp = a.xp
@@ -69,7 +74,7 @@ def merge_deltas_group(
     assert base is not None
     others = g.others()
     n = len(others)
-    parts = chunks(g.numel)
+    parts = chunks(g.numel, della_chunk_size(g.shape) if sparsification is Sparsification.della else None)
     weights = a.scalars([g.per_input[i]["weight"] for i in others])
     unit = [float(w) == 1.0 for w in weights]  # a weight of exactly 1 multiplies nothing
     densities = [g.per_input[i].get("density", 1.0) for i in others]
@@ -81,10 +86,12 @@ def merge_deltas_group(
     for k, i in enumerate(others):
         if sparsification is None or densities[k] >= 1:
             continue
+        if sparsification in (Sparsification.random, Sparsification.della) and not g.seeds:
+            raise ValueError("random sparsification needs a seed")
         if sparsification is Sparsification.random:
-            if not g.seeds:
-                raise ValueError("random sparsification needs a seed")
             sparsifiers[k] = random_sparsifier(a, g.seeds[i], densities[k])
+        elif sparsification is Sparsification.della:
+            sparsifiers[k] = della_sparsifier(a, g.seeds[i], densities[k], g.per_input[i].get("epsilon", 0.0), g.shape)
         else:
             from weightsmith.topk import Chunked
 
@@ -148,10 +155,11 @@ def merge_deltas_group(
             mixed = a.round(mixed * scale)
         return b + mixed
 
-    if n == 0:
-        emit_chunks(g, lambda _j, p: g.values(base, p))
-        return
-    emit_chunks(g, chunk)
+    def emit(j: int) -> None:
+        """Chunk ``j`` of the output (the base itself when no input other than it)."""
+        g.emit(parts[j], chunk(j, parts[j]) if n else g.values(base, parts[j]))
+
+    g.pmap(emit, range(len(parts)))
 
 
 def merge_deltas(
@@ -166,19 +174,25 @@ def merge_deltas(
     rescale: bool = False,
     scale: float = 1.0,
     gammas: Sequence[float] | None = None,
+    epsilons: Sequence[float] | None = None,
     seeds: Sequence[int] | None = None,
     pmap: PMap = serial_map,
 ) -> Array:
     """:func:`merge_deltas_group` on whole arrays of one dtype (``base`` and the fine-tuned
-    ``tensors``; ``weights``, ``densities``, ``gammas`` and ``seeds`` per tensor); the result in
-    that dtype."""
+    ``tensors``; ``weights``, ``densities``, ``gammas``, ``epsilons`` and ``seeds`` per tensor);
+    the result in that dtype."""
     n = len(tensors)
     if len(weights) != n:
         raise ValueError(f"{n} tensors but {len(weights)} weights")
     per_input: list[dict] = [{}]
     for k in range(n):
         per_input.append(
-            {"weight": weights[k], "density": densities[k] if densities is not None else 1.0, "gamma": gammas[k] if gammas is not None else 0.0}
+            {
+                "weight": weights[k],
+                "density": densities[k] if densities is not None else 1.0,
+                "gamma": gammas[k] if gammas is not None else 0.0,
+                "epsilon": epsilons[k] if epsilons is not None else 0.0,
+            }
         )
     group, result = whole_group([base, *tensors], 0, {}, per_input, [0, *seeds] if seeds is not None else (), pmap)
     merge_deltas_group(group, sparsification, consensus, normalize=normalize, rescale=rescale, scale=scale)
