@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from merge.chunks import PMap, chunks, serial_map
-from merge.npmath import random_keep, round_to
+from merge.npmath import fused_multiply_add, random_keep, round_to
 
 __all__ = ["Arith", "Array", "Group", "NumpyArith", "TorchArith", "accumulate", "arith_of", "emit_chunks", "emit_result", "vote_sum", "whole_group"]
 
@@ -62,6 +62,12 @@ class Arith(Protocol):
     def scalars(self, values: Sequence[float], wide: bool = False) -> Array:
         """Python floats as a 1-D array of the compute dtype (rounded as torch stores them: to
         float32 first, then to the 16-bit grid), or of :attr:`wide` with ``wide``."""
+        ...
+
+    def add_product(self, acc: Array, x: Array, c: Array) -> Array:
+        """``acc + x * c`` (``acc`` of :attr:`wide`, ``x`` values, ``c`` a one-element array of
+        :attr:`wide`) rounded once to :attr:`wide`: a fused multiply-add, as torch's ``addcmul_``
+        computes it. May update ``acc`` in place."""
         ...
 
     def elect(self, total: Array) -> Array:
@@ -136,6 +142,9 @@ class NumpyArith:
         x = np.array(values, dtype=np.float32)
         return x if wide else round_to(x, self.dtype)
 
+    def add_product(self, acc: Array, x: Array, c: Array) -> Array:
+        return fused_multiply_add(acc, x, c[0])
+
     def elect(self, total: Array) -> Array:
         # copysign(1, total) in two integer passes over the sign bits
         elected = total.view(np.uint32) & _SIGN_BIT
@@ -181,6 +190,9 @@ class TorchArith:
         import torch
 
         return torch.tensor([float(v) for v in values], dtype=self.wide if wide else self.dtype, device=self.device)
+
+    def add_product(self, acc: Array, x: Array, c: Array) -> Array:
+        return acc.addcmul_(x, c)
 
     def elect(self, total: Array) -> Array:
         import torch

@@ -247,7 +247,7 @@ class MergeSettings(MergeConfig):
 
     engine: Literal["auto", "numpy", "torch"] = Field(
         "auto",
-        description="Math engine: numpy (CPU, never loads torch: safetensors bf16/fp16/fp32 inputs with linear, soup, slerp, "
+        description="Math engine: numpy (CPU, never loads torch: safetensors bf16/fp16/fp32 inputs with linear, soup, "
         "task_arithmetic, dare_linear, dare_ties), torch (every method, input and device), or auto (numpy where it applies). "
         "Both write the same tensors.",
     )

@@ -1,7 +1,7 @@
 """The numpy engine of the merge pass: CPU only, no torch imported at all (importing torch alone
 takes longer than a whole linear merge of a 135M model), for the common case — safetensors
 checkpoint folders of bfloat16 / float16 / float32 tensors merged by a method whose math runs on
-numpy (``Method.numpy``: linear, soup, slerp, task_arithmetic, dare_linear, dare_ties). The math is
+numpy (``Method.numpy``: linear, soup, task_arithmetic, dare_linear, dare_ties). The math is
 the torch engine's own functions on numpy arrays (:class:`merge.arith.NumpyArith`), so the output
 is bit-for-bit the torch engine's (tests compare them); :func:`eligible` says when it applies.
 

@@ -16,9 +16,9 @@ __all__ = ["linear", "linear_group", "soup", "soup_group"]
 
 def linear_group(g: Group, weights: Sequence[float], normalize: bool) -> None:
     """``sum_i weights[i] * x_i``, divided by ``sum(weights)`` when ``normalize``, for every chunk
-    of ``g``: accumulated from zero in input order in float32 (float64 for float64), each product
-    rounded before it is added (no fused multiply-add, which numpy lacks), rounded to the output
-    once at the end."""
+    of ``g``: accumulated from zero in input order in float32 (float64 for float64), each term
+    added by a fused multiply-add (one rounding per input, as mergekit's ``addcmul_``), rounded to
+    the output once at the end."""
     a = g.arith
     xp = a.xp
     if len(weights) != g.count:
@@ -29,10 +29,10 @@ def linear_group(g: Group, weights: Sequence[float], normalize: bool) -> None:
     def chunk(_j: int, part: slice) -> Array:
         acc = None
         for i in range(g.count):
-            term = a.widen(g.values(i, part)) * coefficients[i]
+            x = g.values(i, part)
             if acc is None:
-                acc = xp.zeros_like(term)
-            acc += term
+                acc = xp.zeros_like(x, dtype=a.wide)
+            acc = a.add_product(acc, x, coefficients[i : i + 1])
         if normalize:
             acc /= total
         return acc

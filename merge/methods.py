@@ -167,7 +167,6 @@ METHODS: dict[str, Method] = {
             min_inputs=2,
             max_inputs=2,
             paper="https://en.wikipedia.org/wiki/Slerp",
-            numpy=True,
         ),
         _delta_method("task_arithmetic", "https://arxiv.org/abs/2212.04089", None, None, False, False),
         _delta_method("ties", "https://arxiv.org/abs/2306.01708", Sparsification.magnitude, Consensus.sum, True, False),

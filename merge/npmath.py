@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["FLOATS", "bf16_bits", "narrow", "promote", "random_keep", "round_to", "widen"]
+__all__ = ["FLOATS", "bf16_bits", "fused_multiply_add", "narrow", "promote", "random_keep", "round_to", "widen"]
 
 #: The safetensors dtypes this engine computes in.
 FLOATS = ("BF16", "F16", "F32")
@@ -22,6 +22,8 @@ F32 = np.float32
 #: Entries per draw-density step of DARE's random mask: the keep threshold on 16-bit draws.
 DRAW_LEVELS = 1 << 16
 _ONE, _SIXTEEN, _HALF_MINUS_ONE, _HIGH_HALF, _QUIET_NAN = (np.uint32(v) for v in (1, 16, 0x7FFF, 0xFFFF0000, 0x7FC00000))
+#: The float64 mantissa bits below float32's, and their pattern at a float32 midpoint.
+_BELOW_F32, _F32_MIDPOINT = np.int64((1 << 29) - 1), np.int64(1 << 28)
 
 
 def promote(dtypes: Sequence[str]) -> str:
@@ -82,6 +84,27 @@ def narrow(x: np.ndarray, dtype: str) -> np.ndarray:
         with np.errstate(over="ignore"):
             return x.astype(np.float16)
     return x.astype(F32, copy=False)
+
+
+def fused_multiply_add(acc: np.ndarray, x: np.ndarray, c: float) -> np.ndarray:
+    """``acc + x * c`` for float32 arrays ``acc`` and ``x`` and a float32 scalar ``c``, rounded once
+    to float32 (a fused multiply-add, as torch's ``addcmul_`` on float32 computes it).
+
+    The product of two float32 values is exact in float64, the sum is rounded to float64 and then
+    to float32. That second rounding differs from a single one only where the float64 sum was
+    inexact and landed exactly on a float32 midpoint (its 29 low mantissa bits ``1000...``); there
+    the error of the sum (Knuth's TwoSum) moves it one float64 step towards the exact value, which
+    is then rounded correctly (rounding to odd, Boldo & Melquiond 2008)."""
+    s = np.multiply(x, np.float64(c), dtype=np.float64)
+    s += acc
+    at_midpoint = (s.view(np.int64) & _BELOW_F32) == _F32_MIDPOINT
+    if at_midpoint.any():
+        where = np.flatnonzero(at_midpoint)
+        a, p, total = acc[where].astype(np.float64), x[where].astype(np.float64) * np.float64(c), s[where]
+        b = total - a
+        error = (a - (total - b)) + (p - b)
+        s[where] = np.where(error != 0, np.nextafter(total, np.copysign(np.inf, error)), total)
+    return s.astype(np.float32)
 
 
 def random_keep(seed: int, j: int, n: int, density: float) -> np.ndarray:

@@ -5,78 +5,89 @@ https://doi.org/10.1145/325165.325242 (for model weights: https://en.wikipedia.o
 
 Each tensor is one vector. The angle is measured between the normalized vectors; when they are
 nearly colinear (or antipodal), ``|cos| > dot_threshold``, the interpolation falls back to linear,
-as mergekit does. The norms and the dot product are float64 sums over fixed chunks (a bf16 tensor
-is never copied whole into a wider dtype), and the angle and the two coefficients are computed in
-Python floats and rounded to float32: neither the library's summation order within a chunk nor its
-math functions show in the result. The interpolation itself runs in float32 (float64 for float64
-inputs).
+as mergekit does.
+
+The statistics follow mergekit 0.1.5 step by step, so that the two coefficients — and with them
+every output entry — carry the same bits: in float32 (float64 for float64 inputs), over pieces of
+:data:`STAT_CHUNK` elements, each piece's norm taken by torch and the pieces' norms combined by a
+norm again; the dot product of the normalized pieces summed per piece, then across pieces; the
+angle and the coefficients as one-element float32 tensors. A tensor is never copied whole into the
+wider dtype. The reductions are torch's own, so this runs in the torch engine only (numpy sums in
+another order). The interpolation itself is elementwise, computed chunk by chunk in float32 and
+rounded to the output.
 """
 
 from __future__ import annotations
 
-import math
+from typing import TYPE_CHECKING
 
-from merge.arith import Array, Group, emit_chunks, whole_group
+from merge.arith import Group, emit_chunks, whole_group
 from merge.chunks import PMap, chunks, serial_map
 
-__all__ = ["DOT_THRESHOLD", "EPS", "cosine", "slerp", "slerp_coefficients", "slerp_group"]
+if TYPE_CHECKING:
+    from torch import Tensor
+
+__all__ = ["DOT_THRESHOLD", "EPS", "STAT_CHUNK", "slerp", "slerp_coefficients", "slerp_group"]
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
+#: Elements per piece of the norm and dot-product reductions (mergekit's statistics chunk).
+STAT_CHUNK = 1 << 20
 
 
-def cosine(aa: float, bb: float, ab: float, eps: float) -> float:
-    """The cosine of the angle between two vectors from their dot products ``a.a``, ``b.b`` and
-    ``a.b``; a norm at most ``eps`` counts as 1, as mergekit's SLERP does."""
-    norm_a, norm_b = math.sqrt(aa), math.sqrt(bb)
-    return ab / ((norm_a if norm_a > eps else 1.0) * (norm_b if norm_b > eps else 1.0))
+def _norm(g: Group, i: int, pieces: list[slice]) -> Tensor:
+    """The L2 norm of input ``i`` as a (1, 1) tensor of the wide dtype: the norm of the pieces'
+    norms; a norm at most :data:`EPS` counts as 1."""
+    import torch
+
+    a = g.arith
+    parts = g.pmap(lambda j: torch.linalg.vector_norm(g.values(i, pieces[j]).reshape(1, -1).to(a.wide), dim=1, keepdim=True), range(len(pieces)))
+    norm = torch.linalg.vector_norm(torch.stack(parts), dim=0)
+    return torch.where(norm > EPS, norm, 1)
 
 
-def slerp_coefficients(t: float, cos: float, dot_threshold: float) -> tuple[float, float]:
-    """The weights of ``v0`` and ``v1`` at ``t`` for vectors at the angle whose cosine is ``cos``:
-    ``sin((1-t) theta) / sin theta`` and ``sin(t theta) / sin theta``, or ``1-t`` and ``t`` when
-    ``|cos| > dot_threshold`` (nearly colinear)."""
-    cos = min(max(cos, -1.0), 1.0)
-    if abs(cos) > dot_threshold:
-        return 1.0 - t, t
-    theta = math.acos(cos)
-    sin_theta = math.sin(theta)
-    return math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
+def slerp_coefficients(g: Group, t: float, dot_threshold: float = DOT_THRESHOLD) -> tuple[Tensor, Tensor]:
+    """The weights of the base and of the other input at ``t``, as one-element tensors of the wide
+    dtype: ``sin((1-t) theta) / sin theta`` and ``sin(t theta) / sin theta`` for the angle
+    ``theta`` between them, or ``1-t`` and ``t`` when ``|cos theta| > dot_threshold``."""
+    import torch
 
-
-def _dots(g: Group, i: int, k: int, parts: list[slice]) -> tuple[float, float, float]:
-    """``x_i . x_i``, ``x_k . x_k`` and ``x_i . x_k`` in float64: per-chunk sums added in chunk order."""
-    xp = g.arith.xp
-
-    def piece(j: int) -> tuple[float, float, float]:
-        a = xp.astype(g.values(i, parts[j]), xp.float64)
-        b = xp.astype(g.values(k, parts[j]), xp.float64)
-        # multiply and sum, not a BLAS dot: BLAS would start its own threads beside the chunk workers
-        return float(xp.sum(a * a)), float(xp.sum(b * b)), float(xp.sum(a * b))
-
-    aa = bb = ab = 0.0
-    for x, y, z in g.pmap(piece, range(len(parts))):
-        aa, bb, ab = aa + x, bb + y, ab + z
-    return aa, bb, ab
-
-
-def slerp_group(g: Group, t: float, *, dot_threshold: float = DOT_THRESHOLD, eps: float = EPS) -> None:
-    """Interpolate from the base (t=0) to the other input (t=1) along the great circle."""
     assert g.base is not None
     (other,) = g.others()
+    a = g.arith
+    pieces = chunks(g.numel, STAT_CHUNK)
+    norm_base, norm_other = _norm(g, g.base, pieces), _norm(g, other, pieces)
+
+    def dot(j: int) -> Tensor:
+        x = g.values(g.base, pieces[j]).reshape(1, -1).to(a.wide) / norm_base
+        y = g.values(other, pieces[j]).reshape(1, -1).to(a.wide) / norm_other
+        return (x * y).sum(dim=1, keepdim=True)
+
+    cos = torch.stack(g.pmap(dot, range(len(pieces)))).sum(dim=0).clamp(-1, 1)
+    tt = torch.tensor([t], dtype=a.wide, device=cos.device).reshape(-1, 1)
+    linear = cos.abs() > dot_threshold
+    theta = torch.acos(torch.where(linear, 0, cos))
+    sin_theta = torch.sin(theta)
+    coef_base = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
+    coef_other = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
+    return coef_base.reshape(1), coef_other.reshape(1)
+
+
+def slerp_group(g: Group, t: float, *, dot_threshold: float = DOT_THRESHOLD) -> None:
+    """Interpolate from the base (t=0) to the other input (t=1) along the great circle."""
+    assert g.base is not None
     if g.numel == 0:
         return
+    (other,) = g.others()
     a, base = g.arith, g.base
-    cos = cosine(*_dots(g, base, other, chunks(g.numel)), eps)
-    coefficients = a.scalars(slerp_coefficients(t, cos, dot_threshold), wide=True)
-    coef_a, coef_b = coefficients[0], coefficients[1]
-    emit_chunks(g, lambda _j, p: coef_a * a.widen(g.values(base, p)) + coef_b * a.widen(g.values(other, p)))
+    coef_base, coef_other = slerp_coefficients(g, t, dot_threshold)
+    emit_chunks(g, lambda _j, p: coef_base * a.widen(g.values(base, p)) + coef_other * a.widen(g.values(other, p)))
 
 
-def slerp(t: float, v0: Array, v1: Array, *, dot_threshold: float = DOT_THRESHOLD, eps: float = EPS, pmap: PMap = serial_map) -> Array:
-    """:func:`slerp_group` on two whole arrays of one dtype; the result in that dtype."""
+def slerp(t: float, v0: Tensor, v1: Tensor, *, dot_threshold: float = DOT_THRESHOLD, pmap: PMap = serial_map) -> Tensor:
+    """:func:`slerp_group` on two whole tensors of one dtype; the result in that dtype."""
     if tuple(v0.shape) != tuple(v1.shape):
         raise ValueError(f"shapes differ: {tuple(v0.shape)} vs {tuple(v1.shape)}")
     group, result = whole_group([v0, v1], base=0, pmap=pmap)
-    slerp_group(group, t, dot_threshold=dot_threshold, eps=eps)
+    slerp_group(group, t, dot_threshold=dot_threshold)
     return result()

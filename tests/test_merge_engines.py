@@ -89,7 +89,7 @@ def both_engines(tmp_path: Path, config: dict, tag: str, threads: int = 2) -> tu
 
 @pytest.mark.parametrize("tag", ["bf16", "f16", "f32"])
 @pytest.mark.parametrize(
-    "method", ["linear", "linear_raw", "soup", "slerp", "task_arithmetic", "task_arithmetic_norm", "dare_linear", "dare_ties", "dare_ties_2"]
+    "method", ["linear", "linear_raw", "soup", "task_arithmetic", "task_arithmetic_norm", "dare_linear", "dare_ties", "dare_ties_2"]
 )
 def test_numpy_engine_writes_the_torch_engines_bits(models, tmp_path, method, tag):
     ours, theirs = both_engines(tmp_path, configs(models, tag)[method], f"{method}-{tag}")
