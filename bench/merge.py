@@ -18,6 +18,9 @@ The merge set comes from bench/make_merge_set.py (cached; built on first use wit
   ``stable=True`` (so it too keeps the lower index among equal magnitudes): identical tensors
   expected.
   dare_ties draws its masks from different random streams in the two tools and is not compared.
+* ``identity``: every deterministic method once per tool on uneven weights and inputs far from
+  parallel (the fine-tunes' task vectors, or a fine-tune and a randomly initialised model of the
+  same architecture), compared tensor by tensor.
 * ``scale``: a model 4x deeper (120 layers, SmolLM2's 30 stacked four times) is built from each
   input with a weightsmith passthrough config (bf16), and linear and ties are measured on the
   stacked set for both tools, to set the peak RSS at 4x beside the 1x figures of ``speed``.
@@ -49,10 +52,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import PEERS_BIN, ROOT, VENV_BIN, folder_bytes, measure, median  # noqa: E402
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-METHODS = ("ties", "dare_ties", "slerp", "linear")
-DETERMINISTIC = ("linear", "slerp", "ties")
+METHODS = ("ties", "dare_ties", "slerp", "linear", "della", "sce", "nuslerp", "multislerp", "karcher")
+#: the methods whose outputs must equal mergekit's (ties up to its unstable sort, see ``ties_stable``)
+DETERMINISTIC = ("linear", "slerp", "ties", "sce", "nuslerp", "multislerp", "karcher")
 STACK = 4
-PARTS = ("startup", "speed", "ties_stable", "scale", "quality")
+PARTS = ("startup", "speed", "ties_stable", "identity", "scale", "quality")
 
 
 def merge_configs(base: str, shakespeare: str, python: str) -> dict[str, dict]:
@@ -66,7 +70,67 @@ def merge_configs(base: str, shakespeare: str, python: str) -> dict[str, dict]:
         "slerp": {"merge_method": "slerp", "base_model": shakespeare, "models": [{"model": shakespeare}, {"model": python}],
                   "parameters": {"t": 0.5}},
         "linear": {"merge_method": "linear", "models": fine_tunes({"weight": 0.5})},
+        "della": {"merge_method": "della", "base_model": base, "models": fine_tunes({"weight": 1.0, "density": 0.5, "epsilon": 0.1})},
+        "sce": {"merge_method": "sce", "base_model": base, "models": [{"model": shakespeare}, {"model": python}],
+                "parameters": {"select_topk": 0.5}},
+        "nuslerp": {"merge_method": "nuslerp", "base_model": base,
+                    "models": [{"model": shakespeare, "parameters": {"weight": 0.6}}, {"model": python, "parameters": {"weight": 0.4}}]},
+        "multislerp": {"merge_method": "multislerp", "base_model": base,
+                       "models": [{"model": shakespeare, "parameters": {"weight": 0.6}}, {"model": python, "parameters": {"weight": 0.4}}]},
+        "karcher": {"merge_method": "karcher", "models": [{"model": shakespeare}, {"model": python}]},
     }
+
+
+def identity_configs(base: str, shakespeare: str, python: str, far: str) -> dict[str, dict]:
+    """Every deterministic method on uneven weights and inputs that are far from parallel: the two
+    fine-tunes' task vectors (methods with a base), or a fine-tune and ``far``, a randomly
+    initialised model of the same architecture (cosine about 0 on every tensor)."""
+    uneven = lambda second, **extra: [  # noqa: E731
+        {"model": shakespeare, "parameters": {"weight": 0.7, **extra}},
+        {"model": second, "parameters": {"weight": 0.3, **extra}},
+    ]
+    plain = [{"model": shakespeare}, {"model": python}]
+    return {
+        "linear": {"merge_method": "linear", "models": uneven(far)},
+        "slerp": {"merge_method": "slerp", "base_model": shakespeare, "models": [{"model": shakespeare}, {"model": far}], "parameters": {"t": 0.35}},
+        "nuslerp": {"merge_method": "nuslerp", "base_model": base, "models": uneven(python)},
+        "nuslerp_rows": {"merge_method": "nuslerp", "models": uneven(far), "parameters": {"nuslerp_row_wise": True, "nuslerp_flatten": False}},
+        "multislerp": {"merge_method": "multislerp", "base_model": base, "models": uneven(python)},
+        "karcher": {"merge_method": "karcher", "models": [{"model": shakespeare}, {"model": far}]},
+        "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": base, "models": uneven(python)},
+        "ties": {"merge_method": "ties", "base_model": base, "models": uneven(python, density=0.5)},
+        "breadcrumbs": {"merge_method": "breadcrumbs", "base_model": base, "models": uneven(python, density=0.8)},
+        "model_stock": {"merge_method": "model_stock", "base_model": base, "models": plain},
+        "sce": {"merge_method": "sce", "base_model": base, "models": plain, "parameters": {"select_topk": 0.5}},
+        "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": base, "models": [{"model": base}, {"model": shakespeare}]},
+        "nearswap": {"merge_method": "nearswap", "base_model": shakespeare, "models": [{"model": shakespeare}, {"model": python}],
+                     "parameters": {"t": 0.0001}},
+        "ram": {"merge_method": "ram", "base_model": base, "models": plain},
+        "ramplus_tl": {"merge_method": "ramplus_tl", "base_model": base, "models": plain, "parameters": {"r": 0.05, "alpha": 1.0}},
+    }
+
+
+def far_model(mset: dict) -> str:
+    """A randomly initialised model of the base's architecture (torch seed 0, transformers' own
+    initialisation), saved in bf16 beside the merge set with the base's config and tokenizer;
+    cached."""
+    dest = Path(mset["base"]).parent / "random-init"
+    if (dest / "model.safetensors").is_file():
+        return str(dest)
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from weightsmith.checkpoint import CheckpointWriter
+
+    config = AutoConfig.from_pretrained(mset["base"])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    with CheckpointWriter(dest, source=Path(mset["base"]), force=True) as writer:
+        for name, tensor in model.state_dict().items():
+            if name == "lm_head.weight" and config.tie_word_embeddings:
+                continue
+            writer.add(name, tensor.to(torch.bfloat16).contiguous())
+    return str(dest)
 
 
 def stack_config(model: str, layers: int) -> dict:
@@ -269,6 +333,33 @@ def part_ties_stable(args, mset: dict, work: Path, results: dict) -> None:
     shutil.rmtree(theirs)
 
 
+def part_identity(args, mset: dict, work: Path, results: dict) -> None:
+    """Each deterministic method once per tool on :func:`identity_configs`, compared tensor by
+    tensor (ties against mergekit with a stable argsort, as in ``ties_stable``)."""
+    far = far_model(mset)
+    configs = identity_configs(mset["base"], mset["shakespeare"], mset["python"], far)
+    script = work / "mergekit_stable_argsort.py"
+    script.write_text(STABLE_MERGEKIT)
+    identity: dict = {"far_model": far}
+    for method, doc in configs.items():
+        config = write_yaml(doc, work / f"identity-{method}.yml")
+        ours, theirs = work / f"identity-{method}-weightsmith", work / f"identity-{method}-mergekit"
+        mk = mk_cmd(config, theirs)
+        if method in ("ties", "breadcrumbs"):
+            mk = [str(PEERS_BIN / "python"), str(script), *mk[1:]]
+        try:
+            measure(ws_cmd(config, ours), env=OFFLINE)
+            measure(mk, env=OFFLINE)
+            identity[method] = {"config": doc, "identity": compare(ours, theirs)}
+        except RuntimeError as exc:
+            identity[method] = {"config": doc, "failed": str(exc).splitlines()[-1]}
+        print(json.dumps({method: {k: v for k, v in identity[method].items() if k != "config"}}), flush=True)
+        shutil.rmtree(ours, ignore_errors=True)
+        shutil.rmtree(theirs, ignore_errors=True)
+        results["identity"] = identity
+        save(args.out, results)
+
+
 def part_scale(args, mset: dict, work: Path, results: dict) -> None:
     """Linear and ties on a 4x deeper stack of the merge set, both tools."""
     from weightsmith.checkpoint import Checkpoint
@@ -351,6 +442,18 @@ def merge_set(steps: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def describe(config: dict) -> str:
+    """A config in a few words for a table: its models (by folder name) with their parameters, and
+    the shared parameters."""
+    models = []
+    for m in config.get("models", []):
+        params = ", ".join(f"{k} {v}" for k, v in (m.get("parameters") or {}).items())
+        models.append(Path(m["model"]).name + (f" ({params})" if params else ""))
+    shared = ", ".join(f"{k} {v}" for k, v in (config.get("parameters") or {}).items())
+    base = f"base {Path(config['base_model']).name}; " if config.get("base_model") else ""
+    return base + " + ".join(models) + (f"; {shared}" if shared else "")
+
+
 def ratio_mark(value: float, goal: float) -> str:
     return f"{value:.2f}× ({'met' if value <= goal else 'not met'})"
 
@@ -361,7 +464,7 @@ def markdown(results: dict) -> str:
     if speed:
         lines += ["| method | weightsmith wall | mergekit wall | time ratio (goal ≤ 0.3) | weightsmith peak RSS | mergekit peak RSS "
                   "| RSS ratio (goal ≤ 0.5) | tensors vs mergekit |", "|---|---|---|---|---|---|---|---|"]
-        for method in METHODS:
+        for method in (m for m in METHODS if m in speed):
             f = speed[method]
             ident = f.get("identity")
             if ident is None:
@@ -377,6 +480,18 @@ def markdown(results: dict) -> str:
         lines.append(f"| start-up only (interpreter and imports) | {s['weightsmith']['wall_s']:.2f} s | {s['mergekit']['wall_s']:.2f} s | "
                      f"{s['weightsmith']['wall_s'] / s['mergekit']['wall_s']:.2f}× | {s['weightsmith']['peak_rss_mb']:.0f} MiB "
                      f"| {s['mergekit']['peak_rss_mb']:.0f} MiB | {s['weightsmith']['peak_rss_mb'] / s['mergekit']['peak_rss_mb']:.2f}× | |")
+    identity = results.get("identity")
+    if identity:
+        lines += ["", "| method | config | tensors | entries that differ | max difference |", "|---|---|---|---|---|"]
+        for method, f in identity.items():
+            if method == "far_model":
+                continue
+            if "failed" in f:
+                lines.append(f"| {method} | | failed: {f['failed']} | | |")
+                continue
+            ident = f["identity"]
+            lines.append(f"| {method} | {describe(f['config'])} | {ident['identical_tensors']} of {ident['tensors_compared']} identical "
+                         f"| {ident['differing_entries']} of {ident['entries']} | {ident['max_abs_diff']:.3g} |")
     scale = results.get("scale")
     if speed and scale:
         lines += ["", f"| method | model | size | weightsmith peak RSS | mergekit peak RSS | RSS ratio | weightsmith wall | mergekit wall | time ratio |",
@@ -431,6 +546,8 @@ def main() -> None:
                 merged = part_speed(args, mset, work, results)
             elif part == "ties_stable":
                 part_ties_stable(args, mset, work, results)
+            elif part == "identity":
+                part_identity(args, mset, work, results)
             elif part == "scale":
                 part_scale(args, mset, work, results)
             elif part == "quality":
