@@ -216,6 +216,86 @@ METHODS: dict[str, Method] = {
 }
 
 
+# ---- spherical methods over whole tensors (math in merge.nuslerp, merge.multislerp, merge.karcher) ----
+
+
+def _nuslerp(g: Group) -> None:
+    from merge.arith import emit_result
+    from merge.nuslerp import nuslerp_merge
+
+    others = g.others()
+    merged = nuslerp_merge(
+        [g.whole(i) for i in others],
+        [g.per_input[i]["weight"] for i in others],
+        None if g.base is None else g.whole(g.base),
+        row_wise=g.shared["nuslerp_row_wise"],
+        flatten=g.shared["nuslerp_flatten"],
+    )
+    emit_result(g, merged)
+
+
+def _multislerp(g: Group) -> None:
+    from merge.arith import emit_result
+    from merge.multislerp import multislerp
+
+    others = g.others()
+    merged = multislerp(
+        [g.whole(i) for i in others],
+        [g.per_input[i]["weight"] for i in others],
+        None if g.base is None else g.whole(g.base),
+        normalize_weights=g.shared["normalize_weights"],
+        eps=g.shared["eps"],
+    )
+    emit_result(g, merged)
+
+
+def _karcher(g: Group) -> None:
+    from merge.arith import emit_result
+    from merge.karcher import karcher_mean
+
+    # every input counts alike, the base (when given) as one more input
+    inputs = [g.whole(i) for i in range(g.count)]
+    emit_result(g, karcher_mean(inputs, [1.0 / g.count] * g.count, max_iter=g.shared["max_iter"], tol=g.shared["tol"]))
+
+
+METHODS.update(
+    (m.name, m)
+    for m in (
+        Method(
+            "nuslerp",
+            _nuslerp,
+            (
+                ParamSpec("weight", Kind.number, Scope.non_base),
+                ParamSpec("nuslerp_row_wise", Kind.flag, Scope.shared, False),
+                ParamSpec("nuslerp_flatten", Kind.flag, Scope.shared, True),
+            ),
+            base=BasePolicy.optional,
+            min_non_base=2,
+            max_non_base=2,
+            paper="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+        ),
+        Method(
+            "multislerp",
+            _multislerp,
+            (
+                ParamSpec("weight", Kind.number, Scope.non_base),
+                ParamSpec("normalize_weights", Kind.flag, Scope.shared, True),
+                ParamSpec("eps", Kind.number, Scope.shared, 1e-8),
+            ),
+            base=BasePolicy.optional,
+            min_non_base=1,
+            paper="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+        ),
+        Method(
+            "karcher",
+            _karcher,
+            (ParamSpec("max_iter", Kind.integer, Scope.shared, 10), ParamSpec("tol", Kind.number, Scope.shared, 1e-5)),
+            paper="https://arxiv.org/abs/2603.04972",
+        ),
+    )
+)
+
+
 # ---- DELLA (the delta family with MagPrune, merge.task_arithmetic) and SCE (merge.sce) ----
 
 
