@@ -16,8 +16,8 @@
   DARE's 16-bit stream, one per chunk of whole rows (:func:`della_chunk_size`), each compared with
   its rank's threshold ``round(p * 2**16)``; ties in magnitude rank by position.
 
-The ranked ones use the exact top-k of :mod:`weightsmith.topk` (torch tensors only): ties at the
-cut keep the lower flat index.
+``magnitude`` and ``outliers`` use the exact top-k of :mod:`weightsmith.topk` (torch tensors
+only): ties at the cut keep the lower flat index.
 
 Rescaling (``rescale=True``, see :mod:`merge.task_arithmetic`) multiplies the kept entries so that
 the task vector's L1 norm is unchanged, as mergekit does (the DARE paper divides by ``density``

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from merge.methods import METHODS
 from merge.npmath import DRAW_LEVELS
@@ -147,10 +148,7 @@ def test_della_merges_the_sparsified_deltas_by_sign_consensus():
     base = rand(40, 32, seed=1)
     tensors = [base + rand(40, 32, seed=s) for s in (2, 3, 4)]
     weights, densities, epsilons, seeds = [0.6, 0.4, 0.3], [0.5, 0.7, 0.4], [0.15, 0.2, 0.1], [11, 12, 13]
-    sparse = [
-        merge_deltas(torch.zeros_like(base), [t - base], [1.0], densities=[d], epsilons=[e], seeds=[s], sparsification=Sparsification.della, rescale=True)
-        for t, d, e, s in zip(tensors, densities, epsilons, seeds)
-    ]
+    sparse = [della(t - base, d, e, rescale=True, seed=s) for t, d, e, s in zip(tensors, densities, epsilons, seeds)]
     weighted = torch.stack([w * d for w, d in zip(weights, sparse)])
     agree = (weighted.sign() == torch.where(weighted.sum(0) >= 0, 1.0, -1.0)).float()
     w = torch.tensor(weights)[:, None, None]
@@ -213,13 +211,14 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def _config(models: dict[str, Path], method: str, parameters: dict | None = None, suffix: str = "", **extra) -> dict:
+def _config(models: dict[str, Path], method: str, own: dict | None = None, suffix: str = "", **extra) -> dict:
+    """base, a (weight 0.6) and b (weight 0.4), each with ``own`` parameters too; ``extra`` at the top."""
     config = {
         "merge_method": method,
         "base_model": str(models[f"base{suffix}"]),
         "models": [
-            {"model": str(models[f"a{suffix}"]), "parameters": {"weight": 0.6, **(parameters or {})}},
-            {"model": str(models[f"b{suffix}"]), "parameters": {"weight": 0.4, **(parameters or {})}},
+            {"model": str(models[f"a{suffix}"]), "parameters": {"weight": 0.6, **(own or {})}},
+            {"model": str(models[f"b{suffix}"]), "parameters": {"weight": 0.4, **(own or {})}},
         ],
     }
     config.update(extra)
@@ -256,8 +255,6 @@ def test_della_epsilon_outside_the_unit_interval_is_refused_in_preflight(models,
     assert f"parameter 'epsilon': density 0.9 +/- epsilon 0.15 must stay inside (0, 1) for {models['a']}" in message
 
     path = tmp_path / "della.yml"
-    import yaml
-
     path.write_text(yaml.safe_dump(_config(models, "della_linear", {"density": 0.3, "epsilon": 0.3})))
     result = cli("merge", path, tmp_path / "out")
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
@@ -344,3 +341,35 @@ def test_sce_writes_mergekits_bits(case):
     tensors = _synthetic(shape, getattr(torch, dtype), coarse)
     merged = sce(tensors[0], tensors[1:], select_topk=topk)
     assert merged.dtype == getattr(torch, dtype) and _digest(merged) == MERGEKIT_SCE[case]
+
+
+def _folder_digest(folder: Path) -> str:
+    """sha256 (first 16 hex digits) over a checkpoint's tensors by name: name, dtype, bytes."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(Checkpoint(folder).iter_tensors(), key=lambda item: item[0]):
+        h.update(name.encode())
+        h.update(str(tensor.dtype).encode())
+        h.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+#: :func:`_folder_digest` of ``mergekit-yaml`` 0.1.5's output (``--random-seed 0``, CPU, torch 2.13) on
+#: the ``models`` fixture's checkpoints: base, a (weight 0.6), b (weight 0.4), the config's dtype
+#: (None: the inputs' own, here bf16) and ``select_topk``
+MERGEKIT_SCE_RUNS = {
+    ("bfloat16", "", 0.5): "8b9ffbddd635bde3",
+    ("float16", "", 0.5): "da5911a1c10801f0",
+    ("float32", "", 0.5): "3cd77b6efa21169b",
+    (None, "-bf16", 0.7): "579c956b11568e69",
+}
+
+
+@pytest.mark.parametrize("case", list(MERGEKIT_SCE_RUNS))
+def test_sce_merge_equals_mergekits_run_and_warns_of_the_unused_weight(models, tmp_path, caplog, case):
+    dtype, suffix, topk = case
+    config = _config(models, "sce", suffix=suffix, parameters={"select_topk": topk}, **({"dtype": dtype} if dtype else {}))
+    with caplog.at_level(logging.WARNING, logger="merge.plan"):
+        report = merge_checkpoints(config, tmp_path / "out", threads=2)
+    assert report.engine == "torch"
+    assert any("ignoring 'weight'" in r.getMessage() and "not a parameter of sce" in r.getMessage() for r in caplog.records)
+    assert _folder_digest(tmp_path / "out") == MERGEKIT_SCE_RUNS[case]
