@@ -219,33 +219,31 @@ METHODS: dict[str, Method] = {
 # ---- spherical methods over whole tensors (math in merge.nuslerp, merge.multislerp, merge.karcher) ----
 
 
+def _weighted_inputs(g: Group) -> tuple[list[Any], list[float], Any]:
+    """The inputs other than the base (whole), their weights, and the base (None without one)."""
+    others = g.others()
+    return [g.whole(i) for i in others], [g.per_input[i]["weight"] for i in others], None if g.base is None else g.whole(g.base)
+
+
 def _nuslerp(g: Group) -> None:
     from merge.arith import emit_result
     from merge.nuslerp import nuslerp_merge
 
-    others = g.others()
-    merged = nuslerp_merge(
-        [g.whole(i) for i in others],
-        [g.per_input[i]["weight"] for i in others],
-        None if g.base is None else g.whole(g.base),
-        row_wise=g.shared["nuslerp_row_wise"],
-        flatten=g.shared["nuslerp_flatten"],
-    )
-    emit_result(g, merged)
+    tensors, weights, base = _weighted_inputs(g)
+    emit_result(g, nuslerp_merge(tensors, weights, base, row_wise=g.shared["nuslerp_row_wise"], flatten=g.shared["nuslerp_flatten"]))
 
 
 def _multislerp(g: Group) -> None:
     from merge.arith import emit_result
-    from merge.multislerp import multislerp
+    from merge.multislerp import ZeroMeanError, multislerp
+    from weightsmith.errors import WeightsmithError
 
-    others = g.others()
-    merged = multislerp(
-        [g.whole(i) for i in others],
-        [g.per_input[i]["weight"] for i in others],
-        None if g.base is None else g.whole(g.base),
-        normalize_weights=g.shared["normalize_weights"],
-        eps=g.shared["eps"],
-    )
+    tensors, weights, base = _weighted_inputs(g)
+    try:
+        merged = multislerp(tensors, weights, base, normalize_weights=g.shared["normalize_weights"], eps=g.shared["eps"])
+    except ZeroMeanError as exc:
+        # a property of the values, found only when merging: one line for the user, no traceback
+        raise WeightsmithError(None, f"multislerp of a tensor of shape {list(g.shape)}: {exc}") from None
     emit_result(g, merged)
 
 
