@@ -329,7 +329,14 @@ def checkpoint_configs(models: dict[str, Path]) -> dict[str, dict]:
 
 
 #: mergekit-yaml's output per case and config dtype (bfloat16, float16, float32), see folder_digest
-CHECKPOINT_HASHES: dict[str, tuple[str, str, str]] = {}
+CHECKPOINT_HASHES: dict[str, tuple[str, str, str]] = {
+    "nuslerp": ("e97a852c87309803", "c923c67eb6129176", "87cee0fcc58ad4b4"),
+    "nuslerp_base_rows": ("e4f5b552d17cbe03", "64fe05be22a8ea4d", "12dba2dc70a2574d"),
+    "multislerp_base": ("5620cfa339b2be2a", "e62829befe7bf63b", "7a5880486905410c"),
+    "multislerp_three": ("858c7dab557a741e", "7177cf0eb01f12cc", "137f7ab9f936c348"),
+    "karcher_base": ("0c566e16f7c37ffe", "4d2f78df57c48a37", "68451a3a955d95a6"),
+    "karcher_iterations": ("2237c0d463c4db46", "d144ba6faf5fd355", "a6dd9d800518d682"),
+}
 
 
 @pytest.fixture(scope="module")
