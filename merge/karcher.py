@@ -6,11 +6,13 @@ for model merging as mergekit does it: https://arxiv.org/abs/2603.04972
 
 Each input is one vector. The mean direction starts at the normalized weighted average of the unit
 vectors and moves by Riemannian gradient steps: the weighted average of the log maps of the unit
-vectors (tangent vectors of length the angle) is followed along the great circle, until the step
-is shorter than ``tol`` or ``max_iter`` steps are done. Inputs whose norm is at most ``tol`` take
-no part in the direction. Norms and the step length are float32 (float64 for float64 inputs);
+vectors (tangent vectors of length the angle) is followed along the great circle, until the step is
+shorter than ``tol`` or ``max_iter`` steps are done. Inputs whose norm is at most ``tol`` take no
+part in the direction. Norms and the step length are float32 (float64 for float64 inputs);
 everything else runs in the inputs' dtype, with the same torch operations in the same order as
-mergekit 0.1.5, so the bits agree.
+mergekit 0.1.5, so the bits agree — on one thread, as the merge pass runs torch: torch splits large
+sums and float32 dot products between its threads, so for tensors of a million entries or more
+mergekit's own bits depend on its thread count (ours equal ``mergekit-yaml --num-threads 1``).
 """
 
 from __future__ import annotations

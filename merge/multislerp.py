@@ -6,9 +6,11 @@ mergekit's definition: https://goddard.blog/posts/multislerp-wow-what-a-cool-ide
 Each input (a whole tensor as one vector) is scaled to unit length; the unit vectors are mapped to
 the tangent space at their normalized weighted mean, averaged there with the weights, mapped back
 to the sphere by the exponential map, and scaled by the weighted mean of the inputs' norms. The
-weighted mean of the unit vectors must not vanish: two inputs then fall back to their weighted
-sum, more are refused. Everything is computed in the inputs' dtype with the same torch operations
-in the same order as mergekit 0.1.5, so the bits agree.
+weighted mean of the unit vectors must not vanish: two inputs then fall back to their weighted sum,
+more are refused. Everything is computed in the inputs' dtype with the same torch operations in the
+same order as mergekit 0.1.5, so the bits agree — on one thread, as the merge pass runs torch:
+torch splits sums of 32,768 entries or more between its threads, so for larger tensors mergekit's
+own bits depend on its thread count (ours equal ``mergekit-yaml --num-threads 1``).
 """
 
 from __future__ import annotations
