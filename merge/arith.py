@@ -31,7 +31,7 @@ import numpy as np
 from merge.chunks import PMap, chunks, serial_map
 from merge.npmath import fused_multiply_add, random_keep, round_to
 
-__all__ = ["Arith", "Array", "Group", "NumpyArith", "TorchArith", "accumulate", "arith_of", "emit_chunks", "emit_result", "vote_sum", "whole_group"]
+__all__ = ["Arith", "Array", "Group", "NumpyArith", "TorchArith", "accumulate", "apply_method", "arith_of", "emit_chunks", "emit_result", "vote_sum", "whole_group"]
 
 #: An array of the engine's library (numpy ndarray or torch Tensor).
 Array = Any
@@ -255,6 +255,18 @@ class Group:
     def whole(self, i: int) -> Array:
         """Input ``i`` whole, in its shape, as values of the compute dtype."""
         return self.arith.xp.reshape(self.values(i, slice(0, self.numel)), self.shape)
+
+
+def apply_method(method: Any, g: Group, name: str) -> None:
+    """Run ``method`` (a :class:`merge.methods.Method`) on ``g``, the output tensor ``name``: a
+    problem its values show only while merging (a WeightsmithError from the math) names the
+    tensor."""
+    from weightsmith.errors import WeightsmithError
+
+    try:
+        method.apply(g)
+    except WeightsmithError as exc:
+        raise WeightsmithError(exc.path, f"tensor {name}: {exc.problem}") from None
 
 
 def emit_result(g: Group, x: Array) -> None:

@@ -18,7 +18,7 @@ from functools import partial
 
 import numpy as np
 
-from merge.arith import Group, NumpyArith
+from merge.arith import Group, NumpyArith, apply_method
 from merge.chunks import PMap
 from merge.npmath import FLOATS, narrow, promote, round_to, widen
 from merge.plan import Job, Plan
@@ -87,5 +87,5 @@ class NumpyEngine:
             out[part] = narrow(x, output)
 
         group = Group(NumpyArith(compute), numel, tuple(shape), len(arrays), values, emit, job.base, job.shared, job.per_input, self.seeds(job), self.pmap)
-        self.plan.method.apply(group)
+        apply_method(self.plan.method, group, job.name)
         return partial(writer.add_array, job.name, output, tuple(shape), out), DTYPES[output][0], numel

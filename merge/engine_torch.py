@@ -12,14 +12,27 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from merge.chunks import PMap, thread_map
-from merge.arith import Group, TorchArith
+from merge.chunks import PMap, serial_map, thread_map
+from merge.arith import Group, TorchArith, apply_method
 from merge.plan import Job, Plan
 from weightsmith.checkpoint import CheckpointWriter
 from weightsmith.errors import WeightsmithError
 from weightsmith.stformat import DTYPES, st_dtype
 
-__all__ = ["TorchEngine", "chunk_workers"]
+__all__ = ["TorchEngine", "chunk_workers", "intra_op_threads"]
+
+
+@contextmanager
+def intra_op_threads(threads: int) -> Iterator[PMap]:
+    """torch's intra-op threads at ``threads`` during the pass (restored afterwards), and chunks
+    run one after the other: for methods whose whole-tensor reductions are torch's own
+    (``Method.torch_threads``), which then round as mergekit's do with as many threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield serial_map
+    finally:
+        torch.set_num_threads(before)
 
 
 @contextmanager
@@ -88,7 +101,7 @@ class TorchEngine:
             self.pmap,
             kept.append,
         )
-        self.plan.method.apply(group)
+        apply_method(self.plan.method, group, job.name)
         result = kept[0] if kept else out.reshape(tensors[0].shape)
         if self.output_dtype is not None:
             result = result.to(self.output_dtype)

@@ -199,7 +199,9 @@ def merge_checkpoints(
     every problem; the output appears at ``dest`` only when complete. ``seed`` drives the random
     methods (dare_linear, dare_ties); ``device`` is where the math runs (e.g. ``cuda``);
     ``threads`` is how many threads compute the chunks of each tensor (default: one per core, see
-    :func:`default_threads`); the output does not depend on it. ``engine`` picks the math:
+    :func:`default_threads`); the output does not depend on it, except for the methods whose math
+    is torch's whole-tensor reductions (``Method.torch_threads``: their last bits follow torch's
+    thread count, as mergekit's do). ``engine`` picks the math:
     ``numpy`` (CPU, no torch loaded; safetensors inputs and the methods marked ``numpy``),
     ``torch`` (everything), or ``auto`` (numpy where it applies); both write the same tensors.
     Parameters the method does not use are ignored with a warning naming each, or with
@@ -237,7 +239,8 @@ def merge_checkpoints(
         else:
             from merge import engine_torch
 
-            pmap = stack.enter_context(engine_torch.chunk_workers(threads))
+            workers = engine_torch.intra_op_threads if plan.method.torch_threads else engine_torch.chunk_workers
+            pmap = stack.enter_context(workers(threads))
             math_engine = engine_torch.TorchEngine(plan, device, seeds, pmap)
         _Pipeline(plan, math_engine, plan.config.output_st_dtype, plan.config.compute_st_dtype).run(writer, report, progress)
         record.figures.update(report.figures())
