@@ -398,6 +398,7 @@ def test_multislerp_zero_weighted_mean_is_one_line(models, tmp_path, cli):
     assert result.exit_code == 2, result.output
     message = result.stderr.strip()
     assert len(message.splitlines()) == 1 and "weighted mean of the inputs' directions is zero" in message, message
+    assert "error: tensor model.embed_tokens.weight: multislerp: " in message, message  # the first tensor merged
     assert "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
     # two antipodal inputs fall back to their weighted sum (zero), as mergekit does
