@@ -7,6 +7,7 @@ Writes tests/fixtures/mergekit_cases/:
                      llama_a..llama_d, picogranites granite_a/b, and a 12-layer GPT-2 of small width
   <case>.yml         one mergekit config per case, model paths relative to this folder
   outputs/<case>/    mergekit's output (cases it accepts): model.safetensors and config.json
+  outputs_stable_sort/<case>/  the same, by mergekit with torch.argsort made stable (ties, breadcrumbs)
   cases.json         the manifest: per case its config, method, origin, whether mergekit accepted it
                      (and its error line when not) and whether the method draws random numbers
   README.md          the mergekit version, how the fixtures were made, what was adapted or left out
@@ -31,7 +32,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import PEERS_BIN, ROOT  # noqa: E402
+from bench.common import PEERS_BIN, ROOT, STABLE_MERGEKIT  # noqa: E402
 from bench.make_merge_oracle import keep_output, mergekit_version  # noqa: E402
 from weightsmith.checkpoint import Checkpoint  # noqa: E402
 
@@ -42,6 +43,9 @@ FIXTURES = ROOT / "tests" / "fixtures" / "mergekit_cases"
 #: Methods whose output depends on random draws (mergekit's global torch generator); arcee_fusion
 #: samples only on tensors over 1M elements, which these models do not have.
 RANDOM_METHODS = frozenset({"dare_ties", "dare_linear", "della", "della_linear"})
+#: methods that rank entries with ``torch.argsort``, whose order among equal values is not stable:
+#: their outputs are also made by mergekit with a stable argsort (``outputs_stable_sort/``)
+SORTING = frozenset({"ties", "breadcrumbs", "breadcrumbs_ties"})
 
 #: input name -> (architecture, torch seed). Three picollamas as mergekit's tests use, a fourth for
 #: examples/ties.yml (three models and a base), two picogranites and one GPT-2.
@@ -330,11 +334,17 @@ def all_cases() -> dict[str, tuple[str, dict]]:
     return cases
 
 
-def run_mergekit(config_path: Path, out: Path) -> str | None:
-    """Run mergekit-yaml in the fixture folder; None when it merged, else its error line."""
+def run_mergekit(config_path: Path, out: Path, stable_sort: bool = False) -> str | None:
+    """Run mergekit-yaml in the fixture folder (with ``stable_sort``, with ``torch.argsort`` made
+    stable); None when it merged, else its error line."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     flags = ("--random-seed", "0", "--quiet", "--no-copy-tokenizer", "--no-write-model-card")
-    proc = subprocess.run([PEERS_BIN / "mergekit-yaml", config_path, out, *flags], cwd=FIXTURES, env=env, capture_output=True, text=True)
+    command: list = [PEERS_BIN / "mergekit-yaml"]
+    if stable_sort:
+        script = out.parent / "mergekit_stable_argsort.py"
+        script.write_text(STABLE_MERGEKIT)
+        command = [PEERS_BIN / "python", script]
+    proc = subprocess.run([*command, config_path, out, *flags], cwd=FIXTURES, env=env, capture_output=True, text=True)
     if proc.returncode == 0:
         return None
     # the exception's own line: the last line naming an error (tracebacks end with it)
@@ -424,6 +434,13 @@ std 0.02 matrices, norms all ones, so every model has the same 1-D tensors) unde
 mergekit's tensors, rewritten unchanged (same names, dtypes, values) into one `model.safetensors`,
 and its `config.json`; nothing for refused cases.
 
+`outputs_stable_sort/<case>/`, for the methods that rank entries by magnitude (ties, breadcrumbs):
+the same run with `torch.argsort` made stable. mergekit's own argsort is not stable, and among
+equal magnitudes at the density cut (frequent in bf16 and fp16) it keeps entries in an order only
+its sort algorithm decides; weightsmith keeps the lower index, as the stable sort does. The test
+requires weightsmith's output to equal the stable-sort output exactly, and to differ from
+mergekit's own exactly where the stable-sort output does.
+
 ## Left out
 
 The VLM cases (`test_*_VLM_merge*`), which need LLaVA checkpoints (a vision tower and projector
@@ -485,12 +502,19 @@ def main() -> None:
             if error is None:
                 keep_output(produced, FIXTURES / "outputs" / name)
         method = config["merge_method"]
+        shutil.rmtree(FIXTURES / "outputs_stable_sort" / name, ignore_errors=True)
+        if error is None and method in SORTING:
+            with tempfile.TemporaryDirectory(prefix="mergekit-cases-") as tmp:
+                produced = Path(tmp) / "out"
+                if run_mergekit(config_path, produced, stable_sort=True) is None:
+                    keep_output(produced, FIXTURES / "outputs_stable_sort" / name)
         manifest[name] = {
             "config": config_path.name,
             "method": method,
             "origin": origin,
             "accepted": error is None,
             "deterministic": method not in RANDOM_METHODS,
+            "stable_sort_output": (FIXTURES / "outputs_stable_sort" / name).is_dir(),
             "error": error,
             **(describe_output(FIXTURES / "outputs" / name) if error is None else {}),
         }

@@ -49,7 +49,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import PEERS_BIN, ROOT, VENV_BIN, folder_bytes, measure, median  # noqa: E402
+from bench.common import PEERS_BIN, ROOT, STABLE_MERGEKIT, VENV_BIN, folder_bytes, measure, median  # noqa: E402
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 METHODS = ("ties", "dare_ties", "slerp", "linear", "della", "sce", "nuslerp", "multislerp", "karcher")
@@ -124,7 +124,7 @@ def far_model(mset: dict) -> str:
 
     config = AutoConfig.from_pretrained(mset["base"])
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with CheckpointWriter(dest, source=Path(mset["base"]), force=True) as writer:
         for name, tensor in model.state_dict().items():
             if name == "lm_head.weight" and config.tie_word_embeddings:
@@ -274,17 +274,6 @@ def explain_ties(ours: Path, theirs: Path, base: str, fine_tunes: list[str], den
         at_cut += int((diff & cut_here).sum())
     return {"differing_entries": differing, "differing_at_a_cut_tie": at_cut,
             "share_explained": at_cut / differing if differing else 1.0, "entries_tied_at_cut_in_those_tensors": tied_at_cut}
-
-
-#: mergekit-yaml with torch.argsort made stable: among equal magnitudes at the top-k cut, TIES then
-#: keeps the lower flat index, as weightsmith does (mergekit's own unstable sort picks any of them).
-STABLE_MERGEKIT = """
-import functools, sys, torch
-torch.argsort = functools.partial(torch.argsort, stable=True)
-from mergekit.scripts.run_yaml import main
-sys.argv[0] = "mergekit-yaml"
-sys.exit(main())
-"""
 
 
 def part_speed(args, mset: dict, work: Path, results: dict) -> dict[str, Path]:
