@@ -15,11 +15,13 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 PEERS_BIN = ROOT / ".venv-peers" / "bin"
 
-#: mergekit-yaml with torch.argsort made stable: among equal magnitudes at the top-k cut, TIES then
-#: keeps the lower flat index, as weightsmith does (mergekit's own unstable sort picks any of them).
+#: mergekit-yaml with torch.argsort and torch.sort made stable: among equal magnitudes at a
+#: density cut, TIES and breadcrumbs then keep the lower flat index, as weightsmith does (mergekit's
+#: own unstable sorts pick any of them).
 STABLE_MERGEKIT = """
 import functools, sys, torch
 torch.argsort = functools.partial(torch.argsort, stable=True)
+torch.sort = functools.partial(torch.sort, stable=True)
 from mergekit.scripts.run_yaml import main
 sys.argv[0] = "mergekit-yaml"
 sys.exit(main())

@@ -196,8 +196,10 @@ def basic_cases() -> dict[str, tuple[str, dict]]:
 
 def extra_cases() -> dict[str, tuple[str, dict]]:
     """Cases mergekit's tests do not run: the linear variants of the random methods (della's and
-    dare_ties' parameters without the sign consensus), and linear with its two models listed the
-    other way round (mergekit sums in list order, so the rounding, hence the bits, follow it)."""
+    dare_ties' parameters without the sign consensus), linear with its two models listed the
+    other way round (mergekit sums in list order, so the rounding, hence the bits, follow it), and
+    breadcrumbs (with and without sign consensus) at a density below 1 (its test config keeps
+    every entry)."""
     swapped = _two_models("llama_b", "llama_a", "linear")
     swapped["models"][0]["parameters"]["weight"], swapped["models"][1]["parameters"]["weight"] = 0.4, 0.6
     return {
@@ -209,6 +211,14 @@ def extra_cases() -> dict[str, tuple[str, dict]]:
         "dare_linear": (
             "added: dare_ties' test config with merge_method dare_linear",
             _two_models("llama_a", "llama_b", "dare_linear", "llama_c", {"density": 0.66}),
+        ),
+        "breadcrumbs_sparse": (
+            "added: breadcrumbs' test config with density 0.7 and gamma 0.05",
+            _two_models("llama_a", "llama_b", "breadcrumbs", "llama_c", {"density": 0.7, "gamma": 0.05}),
+        ),
+        "breadcrumbs_ties_sparse": (
+            "added: breadcrumbs' test config with merge_method breadcrumbs_ties, density 0.7 and gamma 0.05",
+            _two_models("llama_a", "llama_b", "breadcrumbs_ties", "llama_c", {"density": 0.7, "gamma": 0.05}),
         ),
     }
 
@@ -445,7 +455,6 @@ mergekit's own exactly where the stable-sort output does.
 
 The VLM cases (`test_*_VLM_merge*`), which need LLaVA checkpoints (a vision tower and projector
 beside the language model); the issue lets them out.
-Methods mergekit has but its tests and examples do not run (`breadcrumbs_ties`) are not here.
 
 ## What mergekit did that one might not expect
 
