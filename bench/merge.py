@@ -23,7 +23,8 @@ The merge set comes from bench/make_merge_set.py (cached; built on first use wit
   same architecture), compared tensor by tensor.
 * ``scale``: a model 4x deeper (120 layers, SmolLM2's 30 stacked four times) is built from each
   input with a weightsmith passthrough config (bf16), and linear and ties are measured on the
-  stacked set for both tools, to set the peak RSS at 4x beside the 1x figures of ``speed``.
+  stacked set for both tools (and the streaming-friendly new methods, ``--scale-methods``), to set
+  the peak RSS at 4x beside the 1x figures of ``speed``.
 * ``quality``: per-domain held-out perplexity (pinned protocol: first ``--max-tokens`` tokens of
   the held-out text, 512-token windows, fp32, CPU) of the base, both fine-tunes, weightsmith's four
   merges, and mergekit's ties and dare_ties for reference, all models in one `weightsmith eval` per
@@ -329,8 +330,10 @@ def part_identity(args, mset: dict, work: Path, results: dict) -> None:
     configs = identity_configs(mset["base"], mset["shakespeare"], mset["python"], far)
     script = work / "mergekit_stable_argsort.py"
     script.write_text(STABLE_MERGEKIT)
-    identity: dict = {"far_model": far}
+    identity: dict = {**results.get("identity", {}), "far_model": far}
     for method, doc in configs.items():
+        if args.identity_only and method not in args.identity_only:
+            continue
         config = write_yaml(doc, work / f"identity-{method}.yml")
         ours, theirs = work / f"identity-{method}-weightsmith", work / f"identity-{method}-mergekit"
         mk = mk_cmd(config, theirs)
@@ -350,7 +353,7 @@ def part_identity(args, mset: dict, work: Path, results: dict) -> None:
 
 
 def part_scale(args, mset: dict, work: Path, results: dict) -> None:
-    """Linear and ties on a 4x deeper stack of the merge set, both tools."""
+    """The --scale-methods (default: linear, ties and the new streaming-friendly methods) on a 4x deeper stack of the merge set, both tools."""
     from weightsmith.checkpoint import Checkpoint
 
     layers = int(Checkpoint(mset["base"]).config["num_hidden_layers"])
@@ -373,7 +376,7 @@ def part_scale(args, mset: dict, work: Path, results: dict) -> None:
     print(json.dumps({k: v for k, v in scale.items() if k != "stack_config"}), flush=True)
     configs = merge_configs(stacked["base"], stacked["shakespeare"], stacked["python"])
     warm(list(stacked.values()))
-    for method in ("linear", "ties"):
+    for method in args.scale_methods:
         config = write_yaml(configs[method], work / f"stack4-{method}.yml")
         figures, ours, theirs = alternate(config, work, f"stack4-{method}", args.scale_repeats, keep=method == "linear")
         if method == "linear":
@@ -485,7 +488,7 @@ def markdown(results: dict) -> str:
     if speed and scale:
         lines += ["", f"| method | model | size | weightsmith peak RSS | mergekit peak RSS | RSS ratio | weightsmith wall | mergekit wall | time ratio |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        for method in ("linear", "ties"):
+        for method in (m for m in METHODS if m in scale and m in speed):
             for label, f, size in (("1×", speed[method], scale["bytes_1x"]), (f"{STACK}× ({scale['layers']} layers)", scale[method], scale["bytes"])):
                 lines.append(f"| {method} | {label} | {size / 1e6:.0f} MB | {f['weightsmith']['peak_rss_mb']:.0f} MiB | {f['mergekit']['peak_rss_mb']:.0f} MiB "
                              f"| {f['rss_ratio']:.2f}× | {f['weightsmith']['wall_s']:.1f} s | {f['mergekit']['wall_s']:.1f} s | {f['time_ratio']:.2f}× |")
@@ -507,6 +510,10 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=20480)
     parser.add_argument("--methods", nargs="*", choices=METHODS, default=list(METHODS),
                         help="speed part: measure only these methods, keeping the saved figures of the others")
+    parser.add_argument("--scale-methods", nargs="*", choices=METHODS, default=["linear", "ties", "della", "sce", "nuslerp", "multislerp", "karcher"],
+                        help="scale part: the methods measured on the 4x set")
+    parser.add_argument("--identity-only", nargs="*", default=None,
+                        help="identity part: run only these configs, keeping the saved figures of the others")
     parser.add_argument("--requality", nargs="*", choices=METHODS, default=None,
                         help="quality part: re-merge and re-evaluate only these weightsmith merges (after a change to "
                              "their math), keeping the saved figures of the other models")
