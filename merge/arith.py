@@ -22,7 +22,8 @@ result does not depend on the device or on how many threads ran.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -171,7 +172,7 @@ class NumpyArith:
 class TorchArith:
     """torch tensors of ``dtype`` on ``device``: torch's arithmetic rounds by itself."""
 
-    def __init__(self, dtype: Any, device: Any) -> None:
+    def __init__(self, dtype: Any, device: Any, threads: int | None = None) -> None:
         import array_api_compat.torch as xp
         import torch
 
@@ -179,6 +180,24 @@ class TorchArith:
         self.dtype = dtype
         self.device = device
         self.wide = torch.float64 if dtype == torch.float64 else torch.float32
+        #: torch's intra-op threads for whole-tensor reductions (:meth:`reducing`); None: as they are
+        self.threads = threads
+
+    @contextmanager
+    def reducing(self) -> Iterator[None]:
+        """torch's intra-op threads at :attr:`threads` inside the block (restored after): for
+        reductions that must round as mergekit's do with as many threads, in a pass whose chunk
+        workers otherwise run torch on one thread each. Call it between chunk maps, never inside
+        one (the setting is process-wide)."""
+        import torch
+
+        before = torch.get_num_threads()
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
     def round(self, x: Array) -> Array:
         return x.to(self.dtype)

@@ -248,8 +248,8 @@ class MergeSettings(MergeConfig):
     engine: Literal["auto", "numpy", "torch"] = Field(
         "auto",
         description="Math engine: numpy (CPU, never loads torch: safetensors bf16/fp16/fp32 inputs with linear, soup, "
-        "task_arithmetic, dare_linear, dare_ties), torch (every method, input and device), or auto (numpy where it applies). "
-        "Both write the same tensors.",
+        "task_arithmetic, dare_linear, dare_ties, della, della_linear), torch (every method, input and device), "
+        "or auto (numpy where it applies). Both write the same tensors.",
     )
     strict: bool = Field(False, description="Refuse parameters the merge method does not use (default: warn and ignore them, as mergekit does).")
 

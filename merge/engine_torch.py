@@ -53,8 +53,9 @@ class TorchEngine:
     """``load`` reads a job's input tensors (on the reader thread); ``merge`` computes the output
     and returns the writer action, the output's dtype name and its element count."""
 
-    def __init__(self, plan: Plan, device: str, seeds: Callable[[Job], list[int]], pmap: PMap) -> None:
+    def __init__(self, plan: Plan, device: str, seeds: Callable[[Job], list[int]], pmap: PMap, threads: int | None = None) -> None:
         self.plan = plan
+        self.threads = threads
         self.device = torch.device(device)
         self.seeds = seeds
         self.pmap = pmap
@@ -88,7 +89,7 @@ class TorchEngine:
             out[part] = x
 
         group = Group(
-            TorchArith(dtype, self.device),
+            TorchArith(dtype, self.device, self.threads),
             numel,
             tuple(tensors[0].shape),
             len(flats),

@@ -248,7 +248,6 @@ METHODS: dict[str, Method] = {
             min_inputs=2,
             max_inputs=2,
             paper="https://en.wikipedia.org/wiki/Slerp",
-            torch_threads=True,
         ),
         _spherical(
             "nuslerp", _nuslerp, (ParamSpec("nuslerp_row_wise", Kind.flag, Scope.shared, False), ParamSpec("nuslerp_flatten", Kind.flag, Scope.shared, True)), 2, 2

@@ -199,9 +199,9 @@ def merge_checkpoints(
     every problem; the output appears at ``dest`` only when complete. ``seed`` drives the random
     methods (dare_linear, dare_ties); ``device`` is where the math runs (e.g. ``cuda``);
     ``threads`` is how many threads compute the chunks of each tensor (default: one per core, see
-    :func:`default_threads`); the output does not depend on it, except for the methods whose math
-    is torch's whole-tensor reductions (``Method.torch_threads``: their last bits follow torch's
-    thread count, as mergekit's do). ``engine`` picks the math:
+    :func:`default_threads`); the output does not depend on it, except where the math is torch's
+    whole-tensor reductions (the ``Method.torch_threads`` methods and slerp's statistics: their
+    last bits follow torch's thread count, as mergekit's do). ``engine`` picks the math:
     ``numpy`` (CPU, no torch loaded; safetensors inputs and the methods marked ``numpy``),
     ``torch`` (everything), or ``auto`` (numpy where it applies); both write the same tensors.
     Parameters the method does not use are ignored with a warning naming each, or with
@@ -241,7 +241,7 @@ def merge_checkpoints(
 
             workers = engine_torch.intra_op_threads if plan.method.torch_threads else engine_torch.chunk_workers
             pmap = stack.enter_context(workers(threads))
-            math_engine = engine_torch.TorchEngine(plan, device, seeds, pmap)
+            math_engine = engine_torch.TorchEngine(plan, device, seeds, pmap, threads)
         _Pipeline(plan, math_engine, plan.config.output_st_dtype, plan.config.compute_st_dtype).run(writer, report, progress)
         record.figures.update(report.figures())
     report.seconds = time.perf_counter() - start

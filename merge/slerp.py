@@ -12,9 +12,10 @@ every output entry — carry the same bits: in float32 (float64 for float64 inpu
 :data:`STAT_CHUNK` elements, each piece's norm taken by torch and the pieces' norms combined by a
 norm again; the dot product of the normalized pieces summed per piece, then across pieces; the
 angle and the coefficients as one-element float32 tensors. A tensor is never copied whole into the
-wider dtype. The reductions are torch's own, so this runs in the torch engine only (numpy sums in
-another order). The interpolation itself is elementwise, computed chunk by chunk in float32 and
-rounded to the output.
+wider dtype. The reductions are torch's own, with torch's threads as mergekit runs them
+(:meth:`merge.arith.TorchArith.reducing`), so this runs in the torch engine only (numpy sums in
+another order). The interpolation itself is elementwise, computed chunk by chunk in parallel in
+float32 and rounded to the output.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def _norm(g: Group, i: int, pieces: list[slice]) -> Tensor:
     import torch
 
     a = g.arith
-    parts = g.pmap(lambda j: torch.linalg.vector_norm(g.values(i, pieces[j]).reshape(1, -1).to(a.wide), dim=1, keepdim=True), range(len(pieces)))
+    parts = [torch.linalg.vector_norm(g.values(i, piece).reshape(1, -1).to(a.wide), dim=1, keepdim=True) for piece in pieces]
     norm = torch.linalg.vector_norm(torch.stack(parts), dim=0)
     return torch.where(norm > EPS, norm, 1)
 
@@ -56,14 +57,15 @@ def slerp_coefficients(g: Group, t: float, dot_threshold: float = DOT_THRESHOLD)
     (other,) = g.others()
     a = g.arith
     pieces = chunks(g.numel, STAT_CHUNK)
-    norm_base, norm_other = _norm(g, g.base, pieces), _norm(g, other, pieces)
 
-    def dot(j: int) -> Tensor:
-        x = g.values(g.base, pieces[j]).reshape(1, -1).to(a.wide) / norm_base
-        y = g.values(other, pieces[j]).reshape(1, -1).to(a.wide) / norm_other
+    def dot(piece: slice) -> Tensor:
+        x = g.values(g.base, piece).reshape(1, -1).to(a.wide) / norm_base
+        y = g.values(other, piece).reshape(1, -1).to(a.wide) / norm_other
         return (x * y).sum(dim=1, keepdim=True)
 
-    cos = torch.stack(g.pmap(dot, range(len(pieces)))).sum(dim=0).clamp(-1, 1)
+    with a.reducing():
+        norm_base, norm_other = _norm(g, g.base, pieces), _norm(g, other, pieces)
+        cos = torch.stack([dot(piece) for piece in pieces]).sum(dim=0).clamp(-1, 1)
     tt = torch.tensor([t], dtype=a.wide, device=cos.device).reshape(-1, 1)
     linear = cos.abs() > dot_threshold
     theta = torch.acos(torch.where(linear, 0, cos))

@@ -135,7 +135,8 @@ REGISTRY: dict[str, PassDef] = {
         ),
         PassDef(
             "merge",
-            "Merge models as a mergekit YAML config says (linear, slerp, ties, dare, ...).",
+            "Merge models as a mergekit YAML config says: every mergekit 0.1.5 method (linear, slerp, nuslerp, multislerp, "
+            "karcher, task_arithmetic, ties, dare, della, breadcrumbs, sce, ram, model_stock, arcee_fusion, nearswap, passthrough).",
             "merge.config:MergeSettings",
             "merge.run:run",
             inputs=Inputs.NAMED,
