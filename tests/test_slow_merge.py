@@ -85,3 +85,68 @@ def test_passthrough_doubles_the_depth_and_loads(variants, tmp_path):
     with torch.no_grad():
         logits = model(torch.arange(100, 132)[None]).logits
     assert logits.shape == (1, 32, 49152) and torch.isfinite(logits).all()
+
+
+# ---- the methods added for mergekit parity, on the real model: properties each must show ---------
+
+
+def _merge(variants, tmp_path, tag: str, config: dict) -> Checkpoint:
+    merge_checkpoints(config, tmp_path / tag)
+    out = Checkpoint(tmp_path / tag)
+    assert set(out.names()) == set(Checkpoint(variants["base"]).names())
+    return out
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.double().reshape(-1)
+
+
+def test_nearswap_at_t_zero_keeps_the_base(variants, tmp_path):
+    config = {"merge_method": "nearswap", "base_model": str(variants["base"]), "models": _models(variants, "base", "ft1"), "parameters": {"t": 0.0}}
+    out, base = _merge(variants, tmp_path, "nearswap", config), Checkpoint(variants["base"])
+    for name in PROBES:
+        assert torch.equal(out.get(name), base.get(name)), name
+
+
+def test_arcee_fusion_takes_each_entry_from_the_base_or_the_fine_tune(variants, tmp_path):
+    config = {"merge_method": "arcee_fusion", "base_model": str(variants["base"]), "models": _models(variants, "base", "ft1")}
+    out, base, ft = _merge(variants, tmp_path, "fusion", config), Checkpoint(variants["base"]), Checkpoint(variants["ft1"])
+    for name in PROBES[1:]:
+        b, f, o = base.get(name), ft.get(name), out.get(name)
+        assert o.dtype == torch.float32  # mergekit's dtype for this method
+        kept, taken = o == b.float(), o == b.float() + (f - b).float()
+        assert bool((kept | taken).all()), name
+        assert 0 < int((taken & ~kept).sum()) < o.numel() // 2, name  # some entries, the important ones only
+
+
+def test_karcher_keeps_the_mean_norm(variants, tmp_path):
+    config = {"merge_method": "karcher", "models": _models(variants, "ft1", "ft2")}
+    out = _merge(variants, tmp_path, "karcher", config)
+    for name in PROBES[:3]:
+        norms = [float(_flat(Checkpoint(variants[k]).get(name)).norm()) for k in ("ft1", "ft2")]
+        assert abs(float(_flat(out.get(name)).norm()) - sum(norms) / 2) < 1e-2 * sum(norms) / 2, name
+
+
+@pytest.mark.parametrize("method", ["nuslerp", "multislerp"])
+def test_spherical_merges_of_task_vectors_bisect_them_at_equal_weights(variants, tmp_path, method):
+    config = {"merge_method": method, "base_model": str(variants["base"]), "models": _models(variants, "ft1", "ft2", weight=0.5)}
+    out, base = _merge(variants, tmp_path, method, config), Checkpoint(variants["base"])
+    for name in PROBES[:3]:
+        b = _flat(base.get(name))
+        merged, d1, d2 = _flat(out.get(name)) - b, _flat(Checkpoint(variants["ft1"]).get(name)) - b, _flat(Checkpoint(variants["ft2"]).get(name)) - b
+        cos = [float(merged @ d / (merged.norm() * d.norm())) for d in (d1, d2)]
+        assert abs(cos[0] - cos[1]) < 0.01 and cos[0] > 0.6, (name, cos)  # independent noises: each at 45 degrees
+
+
+def test_ram_averages_deltas_that_both_models_make(variants, tmp_path):
+    config = {"merge_method": "ram", "base_model": str(variants["base"]), "models": _models(variants, "ft1", "ft2")}
+    out, base = _merge(variants, tmp_path, "ram", config), Checkpoint(variants["base"])
+    for name in PROBES[:3]:
+        b = base.get(name).double()
+        mean = (Checkpoint(variants["ft1"]).get(name).double() + Checkpoint(variants["ft2"]).get(name).double()) / 2
+        both = ((Checkpoint(variants["ft1"]).get(name).double() - b).abs() > 1e-5) & ((Checkpoint(variants["ft2"]).get(name).double() - b).abs() > 1e-5)
+        assert float(both.double().mean()) > 0.9, name
+        # a few bf16 steps of the base value at most (the sum instead of the mean would be off by
+        # about half a delta: 5% of the tensor's spread)
+        scale = b.abs() + b.std()
+        assert float(((out.get(name).double() - mean).abs() / scale)[both].max()) <= 3 * 2**-8, name
