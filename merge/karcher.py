@@ -10,9 +10,10 @@ vectors (tangent vectors of length the angle) is followed along the great circle
 shorter than ``tol`` or ``max_iter`` steps are done. Inputs whose norm is at most ``tol`` take no
 part in the direction. Norms and the step length are float32 (float64 for float64 inputs);
 everything else runs in the inputs' dtype, with the same torch operations in the same order as
-mergekit 0.1.5, so the bits agree — on one thread, as the merge pass runs torch: torch splits large
-sums and float32 dot products between its threads, so for tensors of a million entries or more
-mergekit's own bits depend on its thread count (ours equal ``mergekit-yaml --num-threads 1``).
+mergekit 0.1.5, so the bits agree with as many torch threads: torch splits large sums and float32
+dot products between its threads, so for large tensors the bits depend on the thread count,
+mergekit's as ours (the merge pass runs this method with ``--threads`` torch threads,
+``Method.torch_threads``).
 """
 
 from __future__ import annotations

@@ -8,9 +8,10 @@ the tangent space at their normalized weighted mean, averaged there with the wei
 to the sphere by the exponential map, and scaled by the weighted mean of the inputs' norms. The
 weighted mean of the unit vectors must not vanish: two inputs then fall back to their weighted sum,
 more are refused. Everything is computed in the inputs' dtype with the same torch operations in the
-same order as mergekit 0.1.5, so the bits agree — on one thread, as the merge pass runs torch:
-torch splits sums of 32,768 entries or more between its threads, so for larger tensors mergekit's
-own bits depend on its thread count (ours equal ``mergekit-yaml --num-threads 1``).
+same order as mergekit 0.1.5, so the bits agree with as many torch threads: torch splits sums of
+32,768 entries or more between its threads, so for larger tensors the bits depend on the thread
+count, mergekit's as ours (the merge pass runs this method with ``--threads`` torch threads,
+``Method.torch_threads``).
 """
 
 from __future__ import annotations

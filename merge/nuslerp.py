@@ -6,10 +6,10 @@ two-model case, with SLERP's ``t`` taken from the two weights: ``t = w1 / (w0 + 
 
 The angle is measured between the normalized vectors of each slice; where they are colinear (``1 -
 cos^2 <= eps^2``) the interpolation is linear. Everything is computed in the inputs' dtype with the
-same torch operations in the same order as mergekit 0.1.5, so the bits agree — on one thread, as
-the merge pass runs torch: torch splits sums of 32,768 entries or more between its threads, so for
-larger slices mergekit's own bits depend on its thread count (ours equal ``mergekit-yaml --num-
-threads 1``).
+same torch operations in the same order as mergekit 0.1.5, so the bits agree with as many torch
+threads: torch splits sums of 32,768 entries or more between its threads, so for larger slices the
+bits depend on the thread count, mergekit's as ours (the merge pass runs this method with
+``--threads`` torch threads, ``Method.torch_threads``).
 """
 
 from __future__ import annotations
