@@ -133,7 +133,7 @@ def della_sparsifier(a: Arith, seed: int, density: float, epsilon: float, shape:
             tables[str(device)] = xp.asarray(table, device=device)
         magnitudes = xp.reshape(xp.abs(delta), (n // (length * stride), length, stride))
         order = xp.argsort(magnitudes, axis=1, stable=True)
-        ranks = xp.reshape(xp.argsort(order, axis=1, stable=True), (-1,))
+        ranks = xp.reshape(a.ranks(order), (-1,))
         draws = xp.asarray(_draws(seed, j, n).astype(np.int32), device=device)
         keep = draws < xp.take(tables[str(device)], ranks, axis=0)
         return delta * xp.astype(keep, delta.dtype)

@@ -366,3 +366,16 @@ def test_fused_multiply_add_is_exact_where_two_roundings_would_meet_at_a_midpoin
     assert twice[0] == np.float32(1 + 2**-22)
     assert once[0] == np.float32(1 + 2**-23)
     assert torch.from_numpy(acc.copy()).addcmul_(torch.from_numpy(x), torch.tensor([float(c)]))[0].item() == once[0]
+
+
+def test_ranks_invert_the_sort_order_in_both_libraries():
+    from merge.arith import NumpyArith, TorchArith
+
+    rng = np.random.default_rng(0)
+    for shape in [(3, 7, 1), (2, 5, 4), (1, 1000, 1)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        x[:, ::3] = 0.5  # equal values: ranks by position
+        order = np.argsort(x, axis=1, kind="stable")
+        expected = np.argsort(order, axis=1, kind="stable")
+        assert np.array_equal(NumpyArith("F32").ranks(order), expected)
+        assert np.array_equal(TorchArith(torch.float32, "cpu").ranks(torch.from_numpy(order)).numpy(), expected)
