@@ -28,7 +28,6 @@ from merge.multislerp import ZeroMeanError, multislerp
 from merge.nuslerp import interpolation_t, nuslerp, nuslerp_merge
 from merge.params import Kind, Scope
 from merge.run import merge_checkpoints
-from weightsmith.errors import WeightsmithError
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 E1, E2, E3 = torch.eye(3, dtype=torch.float64)
