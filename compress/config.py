@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -36,12 +37,19 @@ def _check_group_size(v: int | None) -> int | None:
     return v
 
 
-def parse_override(text: str) -> dict[str, Any]:
-    """``'PATTERN:bits=8,group_size=-1,method=rtn'`` or ``'PATTERN:skip'`` -> the fields of an
-    :class:`Override` (values still as text; the model validates them)."""
-    pattern, _, settings = text.rpartition(":") if ":" in text.removeprefix("re:") else (text, "", "")
-    if not pattern:
-        raise ValueError(f"override {text!r}: write PATTERN:key=value,... (keys: method, bits, group_size, symmetric) or PATTERN:skip")
+def parse_override(text: str, keys: tuple[str, ...] = ("method", "bits", "group_size", "symmetric")) -> dict[str, Any]:
+    """``'PATTERN:key=value,...'`` or ``'PATTERN:skip'`` -> the fields of an override (values still as
+    text; the model validates them). The pattern ends at the last ``:`` followed by ``skip`` or
+    ``key=``, so a regular expression or a value (an N:M pattern) may itself hold colons."""
+    body = text.removeprefix("re:")
+    split = None
+    for i in range(len(body) - 1, -1, -1):
+        if body[i] == ":" and re.match(r"(skip(,|$)|[A-Za-z_]+=)", body[i + 1 :]):
+            split = len(text) - len(body) + i
+            break
+    if split is None or split == len(text) - len(body):
+        raise ValueError(f"override {text!r}: write PATTERN:key=value,... (keys: {', '.join(keys)}) or PATTERN:skip")
+    pattern, settings = text[:split], text[split + 1 :]
     fields: dict[str, Any] = {"match": pattern}
     for item in filter(None, settings.split(",")):
         key, eq, value = item.partition("=")
@@ -74,6 +82,22 @@ class Override(BaseModel):
     @classmethod
     def _from_text(cls, value: Any) -> Any:
         return parse_override(value) if isinstance(value, str) else value
+
+
+# Calibration settings shared by every calibrated pass (quantize, prune): the same option, default and
+# validation wherever they appear.
+CalibPath = Annotated[
+    str | None,
+    Field(description="Calibration text file or folder (default: the WikiText-2 calibration split of the assets).", json_schema_extra={"metavar": "PATH"}),
+]
+CalibSamples = Annotated[int, Field(ge=1, description="Calibration blocks.")]
+CalibSeqLen = Annotated[int, Field(ge=2, description="Tokens per calibration block.")]
+#: four blocks per forward keep the matmuls large and the freed activations small
+CalibBatch = Annotated[int, Field(ge=1, description="Calibration blocks per layer forward.")]
+CalibDtype = Annotated[
+    Literal["auto", "fp32", "bf16", "fp16"],
+    Field(description="dtype of the calibration forwards: auto (float32, the fast one on CPUs without AMX), fp32, bf16 or fp16."),
+]
 
 
 @dataclass(frozen=True)
@@ -125,16 +149,11 @@ class QuantizeConfig(BaseModel):
         json_schema_extra={"flags": ["--override"], "metavar": "PATTERN:KEY=VALUE,..."},
     )
     format: Literal["dense", "packed"] = Field("dense", description="dense (dequantized, original dtype) or packed (compressed-tensors pack-quantized).")
-    calib: str | None = Field(
-        None, description="Calibration text file or folder (default: the WikiText-2 calibration split of the assets).", json_schema_extra={"metavar": "PATH"}
-    )
-    samples: int = Field(128, ge=1, description="Calibration blocks.")
-    seq_len: int = Field(512, ge=2, description="Tokens per calibration block.")
-    #: four blocks per forward keep the matmuls large and the freed activations small
-    batch_size: int = Field(4, ge=1, description="Calibration blocks per layer forward.")
-    calib_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="dtype of the calibration forwards: auto (float32, the fast one on CPUs without AMX), fp32, bf16 or fp16."
-    )
+    calib: CalibPath = None
+    samples: CalibSamples = 128
+    seq_len: CalibSeqLen = 512
+    batch_size: CalibBatch = 4
+    calib_dtype: CalibDtype = "auto"
 
     _bits = field_validator("bits")(_check_bits)
     _group_size = field_validator("group_size")(_check_group_size)
