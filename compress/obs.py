@@ -139,8 +139,9 @@ def prune_step(d: Tensor, sparsity: float = 0.0, *, n_m: tuple[int, int] | None 
     """SparseGPT's step: zero the weights with the smallest OBS saliency ``w^2 / U_jj^2``.
 
     ``d`` is ``diag(U)`` in the processing order. Unstructured (``sparsity``): at the start of each
-    block, every row's ``round(sparsity * width)`` least salient weights of the block are chosen, so
-    each row of each block ends exactly that sparse. ``n_m = (n, m)``: every ``m`` consecutive
+    block, every row's least salient weights of the block are chosen, as many as make each row's
+    count so far ``round(sparsity * columns so far)``, so every row ends with exactly
+    ``round(sparsity * in)`` zeros. ``n_m = (n, m)``: every ``m`` consecutive
     columns, each row's ``n`` least salient of them (N:M sparsity; the block size and the width must
     be multiples of ``m``). Saliency is measured on the block as updated when the choice is made.
     The mask chosen for a row and block is fixed; the column is returned with those weights zeroed.
@@ -158,7 +159,9 @@ def prune_step(d: Tensor, sparsity: float = 0.0, *, n_m: tuple[int, int] | None 
             if n_m is not None and block.shape[1] % span:
                 raise ValueError(f"N:M sparsity needs blocks of a multiple of {span} columns, got {block.shape[1]}")
             part = block[:, i : i + span]
-            n = n_m[0] if n_m is not None else math.floor(sparsity * span + 0.5)
+            # a share: the rounded count of columns [0, k + span) minus that of [0, k), so each row
+            # prunes exactly round(sparsity * in) weights in all, however the blocks split the width
+            n = n_m[0] if n_m is not None else math.floor(sparsity * (k + span) + 0.5) - math.floor(sparsity * k + 0.5)
             saliency = part.square() / d2[k : k + span]
             mask = torch.zeros_like(part, dtype=torch.bool)
             if n > 0:

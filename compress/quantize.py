@@ -22,6 +22,7 @@ from compress.config import GPTQ_QUANTIZER, SCALED, LinearSettings, QuantizeConf
 from compress.gptq import gptq_quantize, hessian_clip_search
 from compress.grid import QuantGrid, QuantizedTensor, mse_clip_search, quantize
 from compress.pack import quantization_config, ragged_group_reason, to_compressed_tensors
+from compress.targets import module_of, select_weights
 from weightsmith.arch import ARCHITECTURES, Arch, ScaleGroup, known_arch
 from weightsmith.calibkit import LayerInputs, input_statistics, layer_batches, write_layer
 from weightsmith.calibrate import LayerStep, LayerwiseRunner, get_module, input_hooks, layer_output, require_finite
@@ -68,25 +69,11 @@ class QuantReport:
         }
 
 
-def module_of(tensor_name: str) -> str | None:
-    """``x.y.weight`` -> ``x.y``; None for tensors that are not a weight."""
-    return tensor_name[: -len(".weight")] if tensor_name.endswith(".weight") else None
-
-
 def select_linears(ckpt: Checkpoint, config: QuantizeConfig) -> dict[str, LinearSettings]:
     """Module name -> settings for every weight the pass quantizes. Known architectures default to
     their decoder-layer linears; others to every 2-D floating weight (embeddings and heads excluded)."""
     arch = ARCHITECTURES.get(ckpt.config.get("model_type"))
-    chosen: dict[str, LinearSettings] = {}
-    for name in ckpt.names():
-        module, info = module_of(name), ckpt.info(name)
-        if module is None or len(info.shape) != 2 or not info.dtype.is_floating_point:
-            continue
-        if not config.selection.selects(module, arch.linears if arch else None):
-            continue
-        settings = config.settings_for(module)
-        if settings is not None:
-            chosen[module] = settings
+    chosen = select_weights(ckpt, config.selection, config.settings_for, arch.linears if arch else None)
     if not chosen:
         raise WeightsmithError(ckpt.folder, "no weight matches the targets; nothing to quantize")
     return chosen

@@ -9,8 +9,11 @@ module's settings.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 #: Left alone unless a target names them explicitly: embeddings and output heads.
 DEFAULT_IGNORE = ("lm_head", "embed_out", "re:.*embed.*", "re:.*\\.wte", "re:.*\\.wpe")
@@ -46,3 +49,26 @@ class Selection:
 def _explicit(targets: Iterable[str], module: str) -> bool:
     """A target that names the module exactly overrides the ignore list (e.g. quantizing lm_head)."""
     return any(t == module for t in targets)
+
+
+def module_of(tensor_name: str) -> str | None:
+    """``x.y.weight`` -> ``x.y``; None for tensors that are not a weight."""
+    return tensor_name[: -len(".weight")] if tensor_name.endswith(".weight") else None
+
+
+def select_weights(ckpt: Any, selection: Selection, setting_of: Callable[[str], T | None], default_linears: Iterable[str] | None) -> dict[str, T]:
+    """Module name -> its setting for every 2-D floating-point weight of the checkpoint ``ckpt`` that
+    ``selection`` picks (``default_linears``: the architecture's decoder linears, None for an unknown
+    architecture) and ``setting_of`` does not skip (returns None for)."""
+    defaults = tuple(default_linears) if default_linears is not None else None
+    chosen: dict[str, T] = {}
+    for name in ckpt.names():
+        module, info = module_of(name), ckpt.info(name)
+        if module is None or len(info.shape) != 2 or not info.dtype.is_floating_point:
+            continue
+        if not selection.selects(module, defaults):
+            continue
+        setting = setting_of(module)
+        if setting is not None:
+            chosen[module] = setting
+    return chosen

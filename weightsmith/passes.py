@@ -134,6 +134,13 @@ REGISTRY: dict[str, PassDef] = {
             "compress.quantize:run",
         ),
         PassDef(
+            "prune",
+            "Prune: magnitude, Wanda or SparseGPT zeros (a share or N:M, optionally joint with quantization), "
+            "or structured removal of MLP channels, key/value head groups and layers.",
+            "compress.prune.config:PruneConfig",
+            "compress.prune.run:run",
+        ),
+        PassDef(
             "merge",
             "Merge models as a mergekit YAML config says: every mergekit 0.1.5 method (linear, slerp, nuslerp, multislerp, "
             "karcher, task_arithmetic, ties, dare, della, breadcrumbs, sce, ram, model_stock, arcee_fusion, nearswap, passthrough).",
