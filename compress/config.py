@@ -126,6 +126,11 @@ class QuantizeConfig(BaseModel):
     act_order: bool = Field(False, description="GPTQ: process columns by decreasing Hessian diagonal (static groups).")
     damp: float = Field(0.01, gt=0, le=1, allow_inf_nan=False, description="GPTQ dampening, a fraction of the mean Hessian diagonal (at most 1).")
     block_size: int = Field(128, ge=1, description="GPTQ: columns updated together before the error is carried to the rest.")
+    keep_zeros: Literal["auto", "yes", "no"] = Field(
+        "auto",
+        description="GPTQ: keep the weights that are exactly 0 at 0 (a pruned model keeps its zeros and N:M pattern; the error "
+        "goes to the other weights). auto: when at least 10% of a linear's weights are 0. RTN and AWQ always keep them (0 is on every grid).",
+    )
     clip: bool = Field(
         False,
         description="Clipping search per group: GPTQ picks each group's range by the layer-output error on the calibration Hessian, "

@@ -254,6 +254,21 @@ def _gptq_batches(mine: dict[str, LinearSettings], inputs: LayerInputs, prefix: 
     return list(batches.values())
 
 
+#: ``keep_zeros: auto`` keeps a linear's zeros when at least this share of its weights is exactly 0:
+#: trained dense weights hold almost none, a pruned linear holds its sparsity.
+PRUNED_SHARE = 0.1
+
+
+def zero_mask(w: torch.Tensor, keep_zeros: str) -> torch.Tensor | None:
+    """The weights GPTQ must leave at exactly 0 (a pruned model's zeros), or None."""
+    if keep_zeros == "no":
+        return None
+    mask = w == 0
+    if keep_zeros == "auto" and float(mask.float().mean()) < PRUNED_SHARE:
+        return None
+    return mask if bool(mask.any()) else None
+
+
 def _gptq_together(
     step: LayerStep, names: list[str], hessian: torch.Tensor, grid: QuantGrid, config: QuantizeConfig, dtype: torch.dtype, report: QuantReport
 ) -> dict[str, QuantizedTensor]:
@@ -261,8 +276,9 @@ def _gptq_together(
     dequantized, so that the runner propagates the error."""
     modules = [get_module(step.module, lin) for lin in names]
     w = torch.cat([m.weight.data.to(dtype) for m in modules])
+    mask = zero_mask(w, config.keep_zeros)
     clip = hessian_clip_search(w, hessian, grid) if config.clip else None
-    q, loss = gptq_quantize(w, hessian, grid, damp=config.damp, block_size=config.block_size, act_order=config.act_order, clip=clip)
+    q, loss = gptq_quantize(w, hessian, grid, damp=config.damp, block_size=config.block_size, act_order=config.act_order, clip=clip, mask=mask)
     report.gptq_loss += loss
     out: dict[str, QuantizedTensor] = {}
     start = 0

@@ -1,7 +1,8 @@
 """Per-architecture facts, as data: where the decoder layers are, which linears they hold and how their
 weights are stored, which norm or linear feeds which linears (AWQ scale folding), which tensors sit in
 front of the layers, and which config.json keys give the layer count, the head layout and the MLP
-width (structured pruning, GGUF export).
+width, and which weight slices are an MLP channel or an attention head (structured pruning, GGUF
+export).
 
 Adding an architecture is adding an entry to :data:`ARCHITECTURES`; no code branches on model type.
 The one table is read by the calibrated passes (:mod:`weightsmith.calibrate`, :mod:`compress.quantize`)
@@ -15,7 +16,7 @@ from typing import NamedTuple
 
 from weightsmith.errors import WeightsmithError
 
-__all__ = ["ARCHITECTURES", "Arch", "ConfigIs", "ConfigKeys", "HeadLayout", "ScaleGroup", "arch_for", "known_arch"]
+__all__ = ["ARCHITECTURES", "Arch", "ConfigIs", "ConfigKeys", "HeadLayout", "ScaleGroup", "Structure", "arch_for", "known_arch"]
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,8 @@ class ConfigKeys:
     """config.json keys of a family. ``kv_heads`` None: every head has its own keys and values.
     ``head_dim`` is read when the config has it, else it is ``hidden // heads``. ``mlp_width_default``:
     the MLP width as a multiple of ``hidden`` when ``mlp_width`` is missing or null (GPT-2's
-    ``n_inner``)."""
+    ``n_inner``). ``per_layer``: keys whose value is a list with one entry per decoder layer
+    (``layer_types``: which layers use sliding-window attention); dropping layers trims them."""
 
     hidden: str = "hidden_size"
     layers: str = "num_hidden_layers"
@@ -67,6 +69,40 @@ class ConfigKeys:
     head_dim: str = "head_dim"
     mlp_width: str = "intermediate_size"
     mlp_width_default: int | None = None
+    per_layer: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Structure:
+    """Where structured pruning cuts a decoder layer (names relative to the layer, weights ``[out, in]``).
+
+    MLP channel ``c`` is output row ``c`` (and bias entry ``c``) of every linear in ``mlp_rows`` (gate
+    and up, or fc1) and input column ``c`` of every linear in ``mlp_cols`` (down, or fc2). Attention
+    head ``h`` is the ``head_dim`` output rows (and bias entries) ``h`` of ``query`` and the input
+    columns ``h`` of ``attn_out``; key/value head ``k`` is rows ``k`` of ``key`` and ``value``, shared
+    by query heads ``k * g .. (k + 1) * g - 1`` (``g`` = heads / kv_heads). ``head_dim_configurable``:
+    the family's config takes an explicit head width, so the model can have fewer heads of the same
+    width at the same hidden size. An empty name means that axis cannot be cut, and ``mlp_refusal`` /
+    ``heads_refusal`` say why (a fused projection, a head width the family derives from the hidden
+    size)."""
+
+    mlp_rows: tuple[str, ...] = ()
+    mlp_cols: tuple[str, ...] = ()
+    query: str = ""
+    key: str = ""
+    value: str = ""
+    attn_out: str = ""
+    head_dim_configurable: bool = False
+    mlp_refusal: str = ""
+    heads_refusal: str = ""
+
+    @property
+    def cuts_mlp(self) -> bool:
+        return bool(self.mlp_rows and self.mlp_cols)
+
+    @property
+    def cuts_heads(self) -> bool:
+        return bool(self.query and self.key and self.value and self.attn_out and self.head_dim_configurable)
 
 
 class HeadLayout(NamedTuple):
@@ -85,7 +121,7 @@ class Arch:
     from its first slice (embeddings, input projections). ``norm_offset``: the family's norms compute
     ``normalize(x) * (norm_offset + weight)`` (Gemma stores its RMSNorm weights as ``weight - 1``).
     ``weights_transposed``: the decoder linears store their weights ``[in, out]`` (GPT-2's Conv1D)
-    instead of ``[out, in]``.
+    instead of ``[out, in]``. ``structure``: the slices structured pruning removes.
     """
 
     layers: str
@@ -95,6 +131,7 @@ class Arch:
     keys: ConfigKeys = field(default_factory=ConfigKeys)
     norm_offset: float = 0.0
     weights_transposed: bool = False
+    structure: Structure = field(default_factory=Structure)
 
     def layer_prefix(self, index: int) -> str:
         return f"{self.layers}.{index}."
@@ -166,6 +203,16 @@ _LLAMA = Arch(
         ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
     ),
     front=("model.embed_tokens",),
+    keys=ConfigKeys(per_layer=("layer_types",)),
+    structure=Structure(
+        mlp_rows=("mlp.gate_proj", "mlp.up_proj"),
+        mlp_cols=("mlp.down_proj",),
+        query="self_attn.q_proj",
+        key="self_attn.k_proj",
+        value="self_attn.v_proj",
+        attn_out="self_attn.o_proj",
+        head_dim_configurable=True,
+    ),
 )
 
 # Gemma 2 and 3: post_attention_layernorm normalizes the attention output before the residual add;
@@ -193,6 +240,7 @@ _PHI3 = Arch(
         ScaleGroup("mlp.gate_up_proj", ("mlp.down_proj",), "mlp.down_proj", prev_rows=(1, 2)),
     ),
     front=("model.embed_tokens",),
+    structure=Structure(mlp_refusal="gate and up are fused in gate_up_proj", heads_refusal="q, k and v are fused in qkv_proj"),
 )
 
 _GPT_NEOX = Arch(
@@ -204,6 +252,11 @@ _GPT_NEOX = Arch(
     ),
     front=("gpt_neox.embed_in",),
     keys=ConfigKeys(kv_heads=None),
+    structure=Structure(
+        mlp_rows=("mlp.dense_h_to_4h",),
+        mlp_cols=("mlp.dense_4h_to_h",),
+        heads_refusal="q, k and v are fused in query_key_value, and transformers derives the head width from hidden_size / num_attention_heads",
+    ),
 )
 
 # GPT-2: Conv1D linears (weights [in, out]); c_attn's output columns are q, k, v in equal thirds.
@@ -219,6 +272,10 @@ _GPT2 = Arch(
     front=("transformer.wte", "transformer.wpe"),
     keys=ConfigKeys(hidden="n_embd", layers="n_layer", heads="n_head", kv_heads=None, mlp_width="n_inner", mlp_width_default=4),
     weights_transposed=True,
+    structure=Structure(
+        mlp_refusal="its linears are Conv1D weights stored [in, out]",
+        heads_refusal="q, k and v are fused in c_attn, and transformers derives the head width from n_embd / n_head",
+    ),
 )
 
 # OPT: the norms feed q/k/v and fc1 only in pre-norm models (do_layer_norm_before; OPT-350m is
@@ -235,6 +292,15 @@ _OPT = Arch(
     ),
     front=("model.decoder.embed_tokens", "model.decoder.embed_positions", "model.decoder.project_in"),
     keys=ConfigKeys(kv_heads=None, mlp_width="ffn_dim"),
+    structure=Structure(
+        mlp_rows=("fc1",),
+        mlp_cols=("fc2",),
+        query="self_attn.q_proj",
+        key="self_attn.k_proj",
+        value="self_attn.v_proj",
+        attn_out="self_attn.out_proj",
+        heads_refusal="transformers derives OPT's head width from hidden_size / num_attention_heads, so fewer heads would change the hidden size",
+    ),
 )
 
 #: config.json ``model_type`` -> architecture facts. SmolLM is a Llama. Gemma 3's multimodal ``gemma3``
