@@ -267,3 +267,69 @@ def test_cli_table_says_the_dense_file_does_not_shrink(tmp_path, tiny_llama, cli
     text = re.sub(r"[\s│]+", " ", result.stdout)
     assert "50.0%" in text and "the file does not shrink" in text
     assert PruneConfig().method == "wanda"
+
+
+# -- sparse storage through the pass ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("pattern", "fmt"), [(None, "sparse-bitmask"), ("2:4", "sparse-24-bitmask")])
+def test_sparse_format_holds_the_dense_result_in_fewer_bytes(tmp_path, tiny_llama, pattern, fmt):
+    from compress.prune.sparse import bitmask_decompress, sparse24_decompress
+
+    values = {"method": "magnitude", **({"pattern": pattern} if pattern else {"sparsity": 0.5})}
+    run_pass("prune", [tiny_llama], tmp_path / "dense", values)
+    report = run_pass("prune", [tiny_llama], tmp_path / "sparse", {**values, "format": "sparse"})
+    dense = load_file(tmp_path / "dense" / "model.safetensors")
+    sparse = load_file(tmp_path / "sparse" / "model.safetensors")
+    decode = sparse24_decompress if pattern else bitmask_decompress
+    for name, w in dense.items():
+        module = name.removesuffix(".weight")
+        if name.endswith("_proj.weight"):
+            assert name not in sparse
+            local = {k[len(module) + 1 :]: v for k, v in sparse.items() if k.startswith(module + ".")}
+            assert torch.equal(decode(local), w), name
+        else:
+            assert torch.equal(sparse[name], w), name
+    config = json.loads((tmp_path / "sparse" / "config.json").read_text())["quantization_config"]
+    assert config["sparsity_config"]["format"] == fmt
+    assert config["sparsity_config"]["global_sparsity"] == pytest.approx(0.5)
+    linear_bytes = sum(w.numel() * w.element_size() for n, w in dense.items() if n.endswith("_proj.weight"))
+    saved = json.loads((tmp_path / "sparse" / "weightsmith.json").read_text())["figures"]["bytes_saved"]
+    # float32 weights at 50%: half the values stay, plus one bit per weight (and row offsets)
+    assert 0.4 * linear_bytes < saved < 0.5 * linear_bytes
+    file_saved = (tmp_path / "dense" / "model.safetensors").stat().st_size - (tmp_path / "sparse" / "model.safetensors").stat().st_size
+    assert abs(file_saved - saved) < 4096  # the headers differ a little
+    assert report.parameters == run_pass("copy", [tiny_llama], tmp_path / "copy").parameters  # logical weights, not stored values
+
+
+def test_sparse_quantized_2of4_is_written_as_marlin24(tmp_path, calib_text):
+    from compress.prune.sparse import marlin24_decompress
+    from tests.conftest import make_tiny_llama
+
+    src = make_tiny_llama(tmp_path / "wide", hidden=128)
+    run_pass("copy", [src], tmp_path / "half", {"dtype": "fp16"})
+    targets = ["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # k/v are 64 wide: marlin-24 needs multiples of 128
+    values = {"method": "sparsegpt", "pattern": "2:4", "bits": 4, "targets": targets, "calib": calib_text, **CALIB}
+    run_pass("prune", [tmp_path / "half"], tmp_path / "dense", values)
+    report = run_pass("prune", [tmp_path / "half"], tmp_path / "marlin", {**values, "format": "sparse"})
+    dense = load_file(tmp_path / "dense" / "model.safetensors")
+    stored = load_file(tmp_path / "marlin" / "model.safetensors")
+    grid = QuantGrid(bits=4, symmetric=True, group_size=128)
+    modules = sorted({k.rsplit(".", 1)[0] for k in stored if k.endswith(".weight_packed")})
+    assert len(modules) == 10
+    for module in modules:
+        local = {k[len(module) + 1 :]: v for k, v in stored.items() if k.startswith(module + ".")}
+        w = marlin24_decompress(local, grid).dequantize()
+        assert windows_ok(w, NM(2, 4))
+        assert torch.equal(w.to(torch.float16), dense[f"{module}.weight"]), module
+    config = json.loads((tmp_path / "marlin" / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "marlin-24"
+    # half the 4-bit codes, 2 bits of position metadata per kept code, a float16 scale per 128
+    assert report.bits_per_weight == pytest.approx(2 + 1 + 16 / 128)
+
+
+def test_marlin24_refuses_widths_its_kernel_does_not_take_before_any_work(tmp_path, tiny_llama, cli):
+    result = cli("prune", str(tiny_llama), str(tmp_path / "out"), "--method", "sparsegpt", "--pattern", "2:4", "--bits", "4", "--format", "sparse")
+    assert result.exit_code == 2
+    assert "marlin-24" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -3,6 +3,7 @@ unstructured or N:M pruning otherwise."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from weightsmith.runtime import Runtime
 
 __all__ = ["run", "storage_note"]
 
+log = logging.getLogger(__name__)
+
 
 def storage_note(settings: PruneConfig) -> str:
     """What the user got, in words: which kind of sparsity and whether the file shrinks."""
@@ -23,7 +26,10 @@ def storage_note(settings: PruneConfig) -> str:
         return f"{kind} zeros stored as values: the file does not shrink (--format sparse stores them compressed)"
     if settings.format == "packed":
         return f"{kind} zeros inside packed {settings.bits}-bit codes: the file shrinks by the quantization only"
-    return f"{kind} zeros stored compressed (compressed-tensors sparse format): the file shrinks"
+    return (
+        f"{kind} zeros stored compressed: the file shrinks. The compressed-tensors sparse formats are read by "
+        "compressed-tensors <= 0.14 (transformers <= 5.3) only; newer releases load such a file with the pruned linears missing"
+    )
 
 
 def run(inputs: Sequence[Checkpoint], dest: Path, settings: PruneConfig, runtime: Runtime) -> Report:
@@ -47,11 +53,14 @@ def run(inputs: Sequence[Checkpoint], dest: Path, settings: PruneConfig, runtime
     )
     extra = {k: v for k, v in tally.figures().items() if k != "sparsity"}
     extra["storage"] = storage_note(settings)
+    if settings.format == "sparse":
+        log.warning("format=sparse: %s", storage_note(settings).split(". ", 1)[1])
     return Report(
         "prune",
         dest,
         bits_per_weight=quant.bits_per_weight if settings.bits is not None else None,
         sparsity=tally.sparsity,
+        parameters=src.num_parameters if settings.format == "sparse" else 0,
         extra=extra,
         title=settings.describe(),
     )

@@ -26,6 +26,7 @@ from compress.grid import QuantGrid, QuantizedTensor
 from compress.obs import inverse_cholesky, obs_sweep, prune_step, zero_dead_inputs
 from compress.prune.config import PruneConfig, PruneTarget
 from compress.prune.masks import count_for, mask_for, wanda_scores
+from compress.prune.sparse import MARLIN_24, marlin24_quantization_config, marlin24_reason, model_format, sparse_linear, sparse_quantization_config, sparsity_config, stored_bytes
 from compress.quantize import QuantReport, calibration_dtype, emit, packed_config
 from compress.targets import module_of, select_weights
 from weightsmith.arch import ARCHITECTURES, known_arch
@@ -71,18 +72,87 @@ class PruneTally:
 class _Output:
     """Writes pruned (or pruned and quantized) linears in the chosen format and counts them."""
 
-    def __init__(self, writer: CheckpointWriter, settings: PruneConfig, tally: PruneTally, quant: QuantReport) -> None:
-        self.writer, self.settings, self.tally, self.quant = writer, settings, tally, quant
+    def __init__(self, writer: CheckpointWriter, settings: PruneConfig, targets: dict[str, PruneTarget], tally: PruneTally, quant: QuantReport) -> None:
+        self.writer, self.settings, self.targets, self.tally, self.quant = writer, settings, targets, tally, quant
+        self.sparse_format = sparse_format(settings, targets) if settings.format == "sparse" else None
+        self.bytes_saved = 0
+
+    def _sparse(self, module: str, weight: Tensor | QuantizedTensor) -> int:
+        """Writes the linear in the sparse format; returns its stored bytes."""
+        try:
+            stored = sparse_linear(module, weight, self.targets[module].nm, self.sparse_format)
+        except ValueError as exc:
+            raise WeightsmithError(None, str(exc)) from None
+        for name, tensor in stored.tensors.items():
+            self.writer.add(name, tensor)
+        self.bytes_saved += stored.bytes_saved
+        return stored_bytes(stored.tensors)
 
     def dense(self, module: str, w: Tensor, dtype: torch.dtype, transposed: bool) -> None:
         """A pruned weight ``[out, in]`` (stored ``[in, out]`` when ``transposed``)."""
         stored = w.to(dtype)
         self.tally.add(stored)
-        self.writer.add(f"{module}.weight", stored.t() if transposed else stored)
+        if self.sparse_format is not None:
+            self._sparse(module, stored)
+        else:
+            self.writer.add(f"{module}.weight", stored.t() if transposed else stored)
 
     def quantized(self, module: str, q: QuantizedTensor, dtype: torch.dtype, transposed: bool) -> None:
         self.tally.add(q.dequantize())
-        emit(self.writer, module, q, dtype, "packed" if self.settings.format == "packed" else "dense", self.quant, transposed)
+        if self.sparse_format is not None:
+            self.quant.add(q, 8 * self._sparse(module, q) / (q.shape[0] * q.shape[1]))
+        else:
+            emit(self.writer, module, q, dtype, "packed" if self.settings.format == "packed" else "dense", self.quant, transposed)
+
+    def config(self, src_config: dict) -> dict | None:
+        """config.json's ``quantization_config`` for a sparse format (None for the others)."""
+        if self.sparse_format is None:
+            return None
+        modules = sorted(self.targets)
+        ignore = sorted(set(self.settings.ignore) - set(modules))
+        if self.sparse_format == MARLIN_24:
+            block = marlin24_quantization_config(_grid(self.settings), modules, ignore, global_sparsity=self.tally.sparsity)
+        else:
+            nms = {t.nm for t in self.targets.values()}
+            structure = nms.pop() if len(nms) == 1 else None
+            block = sparse_quantization_config(sparsity_config(self.sparse_format, modules, ignore, global_sparsity=self.tally.sparsity, structure=structure))
+        return {**src_config, "quantization_config": block}
+
+
+def sparse_format(settings: PruneConfig, targets: dict[str, PruneTarget]) -> str:
+    """The checkpoint's one compressed-tensors sparse format; a request no sparse format can hold is
+    refused before any work."""
+    try:
+        return model_format((t.nm for t in targets.values()), quantized=settings.bits is not None)
+    except ValueError as exc:
+        raise WeightsmithError(None, f"format=sparse: {exc}") from None
+
+
+def _check_sparse(ckpt: Checkpoint, targets: dict[str, PruneTarget], settings: PruneConfig) -> None:
+    """What the sparse formats cannot hold, refused up front: Conv1D weights (compressed-tensors
+    handles nn.Linear only) and, for marlin-24, grids and widths its kernel does not take."""
+    arch = known_arch(ckpt.config)
+    flipped = [m for m in targets if arch is not None and arch.stored_transposed(m)]
+    if flipped:
+        raise WeightsmithError(None, f"format=sparse cannot hold {flipped[0]}: its weight is a Conv1D [in, out], compressed-tensors stores nn.Linear only; use dense")
+    if sparse_format(settings, targets) != MARLIN_24:
+        return
+    grid = _grid(settings)
+    for module in targets:
+        info = ckpt.info(f"{module}.weight")
+        if info.dtype == torch.float32:
+            raise WeightsmithError(ckpt.folder, f"format=sparse with bits stores marlin-24, whose scales are float16; {module} is float32: cast the model to bf16 or fp16 first (weightsmith copy --dtype)")
+        out, inp = info.shape
+        probe = QuantizedTensor(
+            codes=torch.zeros((out, inp), dtype=torch.uint8),
+            scales=torch.ones((out, grid.n_groups(inp)), dtype=torch.float16),
+            zeros=torch.full((out, grid.n_groups(inp)), grid.midpoint, dtype=torch.uint8),
+            grid=grid,
+            shape=(out, inp),
+        )
+        reason = marlin24_reason(probe)
+        if reason is not None:
+            raise WeightsmithError(ckpt.folder, f"format=sparse with bits stores marlin-24; {module}: {reason}")
 
 
 def select_targets(ckpt: Checkpoint, settings: PruneConfig) -> dict[str, PruneTarget]:
@@ -129,6 +199,8 @@ def prune_checkpoint(
     required for Wanda and SparseGPT."""
     targets = select_targets(src, settings)
     _check_widths(src, targets, settings)
+    if settings.format == "sparse":
+        _check_sparse(src, targets, settings)
     grid = _grid(settings)
     out_config = None
     if settings.format == "packed" and grid is not None:
@@ -138,14 +210,18 @@ def prune_checkpoint(
     tally, quant = PruneTally(), QuantReport()
     writer_args = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     with CheckpointWriter(dest, force=force, source=src.folder, config=out_config, record=record, **writer_args) as writer:
-        output = _Output(writer, settings, tally, quant)
+        output = _Output(writer, settings, targets, tally, quant)
         if settings.method == "magnitude":
             _streaming(src, output, settings, targets, progress)
         else:
             if calib_tokens is None:
                 raise WeightsmithError(None, f"{settings.method} needs calibration tokens")
             _layerwise(src, output, settings, targets, calib_tokens, progress, device)
+        writer.config = output.config(src.config) or writer.config
         record.figures.update(tally.figures())
+        if output.sparse_format is not None:
+            record.figures["sparse_format"] = output.sparse_format
+            record.figures["bytes_saved"] = output.bytes_saved
         if grid is not None:
             record.figures["bits_per_weight"] = round(quant.bits_per_weight, 4)
     return tally, quant
