@@ -30,7 +30,7 @@ from compress.grid import (
     compute_scale_zero,
     group_min_max,
 )
-from compress.obs import ColumnStep, inverse_cholesky, joint_step, obs_sweep, zero_dead_inputs
+from compress.obs import ColumnStep, inner_block, inverse_cholesky, joint_step, obs_sweep, zero_dead_inputs
 from weightsmith.calibkit import accumulate_hessian
 
 logger = logging.getLogger(__name__)
@@ -158,6 +158,7 @@ def gptq_quantize(
     clip: Tensor | None = None,
     mask: Tensor | None = None,
     prune: Callable[[Tensor], ColumnStep] | None = None,
+    prune_spans: tuple[int, ...] = (),
 ) -> tuple[QuantizedTensor, float]:
     """Quantize ``w`` ``[out, in]`` with GPTQ given the input Hessian ``[in, in]``.
 
@@ -183,7 +184,8 @@ def gptq_quantize(
       of zeroing them is compensated like a rounding error (:func:`compress.obs.obs_sweep`).
     * ``prune``: joint sparse + quantized GPTQ. Given ``diag(U)`` in processing order it returns a
       prune step (e.g. ``lambda d: compress.obs.prune_step(d, 0.5)``); each column is pruned, then
-      rounded.
+      rounded. ``prune_spans``: the widths of the spans that step reads where they start (the ``m``
+      of N:M), so the sweep can group its columns safely (:func:`compress.obs.inner_block`).
 
     The factorization and the sweep run in float32 on ``w``'s device (a float64 Hessian is cast);
     ``w`` and ``hessian`` are not modified.
@@ -256,7 +258,8 @@ def gptq_quantize(
     rounding = _GridStep(grid, scales, zeros, proc_group, precomputed=precomputed, ratio=ratio, mask=mask)
     step: ColumnStep = rounding if prune is None else joint_step(prune(torch.diagonal(U)), rounding)
     bs = block_size if precomputed else _effective_block_size(block_size, gs)
-    _, losses = obs_sweep(W, U, step, block_size=bs, mask=mask)
+    inner = inner_block(*(() if precomputed else (gs,)), *(prune_spans if prune is not None else ()))
+    _, losses = obs_sweep(W, U, step, block_size=bs, mask=mask, inner=inner)
 
     inverse = torch.argsort(perm)
     codes = rounding.codes[:, inverse].contiguous()

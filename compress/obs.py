@@ -34,7 +34,7 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ColumnStep", "inverse_cholesky", "joint_step", "obs_sweep", "prune_step", "zero_dead_inputs"]
+__all__ = ["INNER", "ColumnStep", "inner_block", "inverse_cholesky", "joint_step", "obs_sweep", "prune_step", "zero_dead_inputs"]
 
 ColumnStep = Callable[[Tensor, int, int], Tensor]
 """``step(block, i, k) -> column``: what column ``k`` of the sweep (``i`` inside the current block)
@@ -81,8 +81,20 @@ def inverse_cholesky(H: Tensor, damp: float, max_damp: float) -> Tensor:
         current *= 10
 
 
+#: Columns swept one by one inside a block before the block's remaining columns get their update in
+#: one matrix product (see :func:`obs_sweep`'s ``inner``).
+INNER = 16
+
+
+def inner_block(*spans: int) -> int:
+    """The ``inner`` block :func:`obs_sweep` may use with steps that read spans of these widths
+    (group sizes, N:M windows) at their starts: :data:`INNER` when every span either fills whole inner
+    blocks or fits inside one, else 1."""
+    return INNER if all(s > 0 and (s % INNER == 0 or INNER % s == 0) for s in spans) else 1
+
+
 def obs_sweep(
-    W: Tensor, U: Tensor, step: ColumnStep, *, block_size: int = 128, mask: Tensor | None = None
+    W: Tensor, U: Tensor, step: ColumnStep, *, block_size: int = 128, mask: Tensor | None = None, inner: int = 1
 ) -> tuple[Tensor, Tensor]:
     """Fix the columns of ``W`` ``[out, in]`` left to right with ``step``, compensating each change
     on the columns not yet fixed through ``U`` (:func:`inverse_cholesky` of the Hessian, both in the
@@ -92,6 +104,14 @@ def obs_sweep(
     the compensation of earlier columns like any other until its column is reached, is then set to
     exactly 0 before ``step`` sees it, and its value is compensated on the later columns in turn
     (the order SparseGPT uses). Every masked weight of the result is exactly 0.
+
+    ``inner``: inside a block, columns are swept one by one in groups of ``inner``; each column's
+    update goes to the rest of its group at once (a rank-1 update), and the group's updates reach the
+    block's later columns in one matrix product when the group is done. The same algebra in another
+    order (the result differs by float rounding), with far less memory traffic than a rank-1 update of
+    the whole block per column. A step that reads a span of the block where the span starts (a
+    quantization group, an N:M window) then sees it fully updated only when each span starts a group or
+    lies inside one (:func:`inner_block` gives a safe value); ``inner=1`` is the plain sweep.
 
     Returns the swept weights (float32 ``[out, in]``, the columns the steps returned) and the OBS
     loss per row, float64 ``[out]``: ``sum_j (w_j - q_j)^2 / (2 U_jj^2)``, the paper's per-column
@@ -109,26 +129,34 @@ def obs_sweep(
     W = W.to(torch.float32).clone()
     losses = torch.zeros(out, dtype=torch.float64, device=W.device)
     diag = torch.diagonal(U).tolist()
+    if inner < 1:
+        raise ValueError(f"inner must be positive, got {inner}")
     for i1 in range(0, inp, block_size):
         i2 = min(i1 + block_size, inp)
+        width = i2 - i1
         W1 = W[:, i1:i2].clone()
         Err1 = torch.empty_like(W1)
         U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            k = i1 + i
-            col = W1[:, i]
-            if mask is not None:
-                col = col.clone()
-                W1[:, i].masked_fill_(mask[:, k], 0.0)
-            q = step(W1, i, k)
-            if mask is not None:
-                q = q.masked_fill(mask[:, k], 0.0)
-            err = Err1[:, i]
-            torch.sub(col, q, out=err)
-            W[:, k] = q
-            err.div_(diag[k])
-            if i + 1 < i2 - i1:
-                W1[:, i + 1 :].addr_(err, U1[i, i + 1 :], alpha=-1.0)
+        for j1 in range(0, width, inner):
+            j2 = min(j1 + inner, width)
+            for i in range(j1, j2):
+                k = i1 + i
+                col = W1[:, i]
+                if mask is not None:
+                    col = col.clone()
+                    W1[:, i].masked_fill_(mask[:, k], 0.0)
+                q = step(W1, i, k)
+                if mask is not None:
+                    q = q.masked_fill(mask[:, k], 0.0)
+                err = Err1[:, i]
+                torch.sub(col, q, out=err)
+                W[:, k] = q
+                err.div_(diag[k])
+                stop = j2 if j2 - j1 > 1 else width
+                if i + 1 < stop:
+                    W1[:, i + 1 : stop].addr_(err, U1[i, i + 1 : stop], alpha=-1.0)
+            if j2 - j1 > 1 and j2 < width:
+                W1[:, j2:].addmm_(Err1[:, j1:j2], U1[j1:j2, j2:], alpha=-1.0)
         losses += Err1.to(torch.float64).square().sum(dim=1) / 2
         if i2 < inp:
             W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)

@@ -7,7 +7,7 @@ import torch
 
 from compress.grid import QuantGrid, compute_scale_zero, fake_quantize
 from compress.gptq import gptq_quantize
-from compress.obs import inverse_cholesky, joint_step, obs_sweep, prune_step, zero_dead_inputs
+from compress.obs import INNER, inner_block, inverse_cholesky, joint_step, obs_sweep, prune_step, zero_dead_inputs
 from weightsmith.calibkit import accumulate_hessian
 
 from .layers import outlier_inputs as _inputs
@@ -163,3 +163,29 @@ def test_zero_dead_inputs_and_gptq_leave_their_inputs_alone() -> None:
     q, _ = gptq_quantize(w, H, QuantGrid(4, True, -1), act_order=True)
     assert bool((q.dequantize()[:, [2, 9]] == 0).all())
     assert torch.equal(w, w0) and torch.equal(H, H0)
+
+
+@pytest.mark.parametrize("pattern", [None, (2, 4), (4, 8)])
+def test_inner_blocks_reorder_the_same_sweep(pattern):
+    """Sweeping columns in inner groups (rank-1 updates inside a group, one product per group for
+    the rest of the block) is the same algebra: the same masks, weights equal to float rounding."""
+    x = _inputs(1024, seed=5, width=200)
+    w = _weight(out=48, inp=200, seed=5)
+    H, _ = accumulate_hessian(None, x, 0)
+    U = inverse_cholesky(H, 0.01, 1.0)
+    d = torch.diagonal(U)
+    make = (lambda: prune_step(d, 0.5)) if pattern is None else (lambda: prune_step(d, n_m=pattern))
+    plain, plain_loss = obs_sweep(w, U, make(), block_size=64)
+    inner = inner_block(*(() if pattern is None else (pattern[1],)))
+    assert inner == 16
+    grouped, grouped_loss = obs_sweep(w, U, make(), block_size=64, inner=inner)
+    assert torch.equal(plain == 0, grouped == 0)
+    assert torch.allclose(plain, grouped, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(plain_loss, grouped_loss, rtol=1e-5)
+
+
+def test_inner_block_falls_back_to_columns_for_spans_that_straddle_groups():
+    assert inner_block() == INNER
+    assert inner_block(64, 4) == INNER
+    assert inner_block(24) == 1
+    assert inner_block(64, 6) == 1

@@ -23,7 +23,7 @@ from torch import Tensor
 from compress.config import LinearSettings
 from compress.gptq import gptq_quantize
 from compress.grid import QuantGrid, QuantizedTensor
-from compress.obs import inverse_cholesky, obs_sweep, prune_step, zero_dead_inputs
+from compress.obs import inner_block, inverse_cholesky, obs_sweep, prune_step, zero_dead_inputs
 from compress.prune.config import PruneConfig, PruneTarget
 from compress.prune.masks import count_for, mask_for, wanda_scores
 from compress.prune.sparse import MARLIN_24, marlin24_quantization_config, marlin24_reason, model_format, sparse_linear, sparse_quantization_config, sparsity_config, stored_bytes
@@ -374,7 +374,8 @@ def _sparsegpt_layer(
         if grid is None:
             W, H = zero_dead_inputs(w.to(torch.float32), hessian)
             U = inverse_cholesky(H, settings.damp, 1.0)
-            pruned, losses = obs_sweep(W, U, prune(torch.diagonal(U)), block_size=settings.block_size)
+            spans = (target.nm.m,) if target.nm is not None else ()
+            pruned, losses = obs_sweep(W, U, prune(torch.diagonal(U)), block_size=settings.block_size, inner=inner_block(*spans))
             output.tally.sparsegpt_loss += float(losses.sum())
             start = 0
             for lin, module in zip(names, modules):
@@ -383,7 +384,8 @@ def _sparsegpt_layer(
                 custom[lin] = _dense_emitter(output, step, lin)
                 start = stop
         else:
-            q, loss = gptq_quantize(w, hessian, grid, damp=settings.damp, block_size=settings.block_size, prune=prune)
+            spans = (target.nm.m,) if target.nm is not None else ()
+            q, loss = gptq_quantize(w, hessian, grid, damp=settings.damp, block_size=settings.block_size, prune=prune, prune_spans=spans)
             output.tally.sparsegpt_loss += loss
             start = 0
             for lin, module in zip(names, modules):
