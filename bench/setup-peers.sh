@@ -8,4 +8,4 @@ PYTHON=${PYTHON:-python3}
 test -x "$PEERS/bin/python" || "$PYTHON" -m venv "$PEERS"
 "$PEERS/bin/pip" install --quiet torch==2.13.0
 echo 'torch==2.13.0+cpu' > "$PEERS/torch-pin.txt"
-"$PEERS/bin/pip" install --quiet -c "$PEERS/torch-pin.txt" mergekit==0.1.5 llmcompressor==0.14.0.1 gptqmodel==7.6.0
+"$PEERS/bin/pip" install --quiet -c "$PEERS/torch-pin.txt" mergekit==0.1.5 llmcompressor==0.14.0.1 gptqmodel==7.6.0 torch-pruning==1.6.1
