@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-slow bench bench-quantize bench-merge peers clean
+.PHONY: venv demo test test-slow bench bench-quantize bench-merge bench-prune peers clean
 
 $(BIN)/weightsmith: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,7 @@ test-slow: venv
 bench: venv
 	$(BIN)/python bench/io.py
 
-# Peer tools (mergekit, llm-compressor, GPTQModel) in their own venv, for bench/ only; installed once.
+# Peer tools (mergekit, llm-compressor, GPTQModel, Torch-Pruning) in their own venv, for bench/ only; installed once.
 PEERS_STAMP := .venv-peers/bin/mergekit-yaml
 $(PEERS_STAMP): bench/setup-peers.sh
 	bash bench/setup-peers.sh
@@ -43,6 +43,9 @@ bench-quantize: venv peers
 
 bench-merge: venv peers
 	$(BIN)/python bench/merge.py
+
+bench-prune: venv peers
+	$(BIN)/python bench/prune.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
