@@ -217,8 +217,9 @@ class PruneConfig(BaseModel):
     )
     format: Literal["dense", "sparse", "packed"] = Field(
         "dense",
-        description="dense (zeros stored as values: no smaller file), sparse (compressed-tensors sparse-bitmask, or sparse-24-bitmask "
-        "for 2:4: the file shrinks), or packed (with --bits: compressed-tensors pack-quantized).",
+        description="dense (zeros stored as values: no smaller file; loads everywhere), packed (with --bits: compressed-tensors "
+        "pack-quantized, loads in transformers and vLLM), or sparse (compressed-tensors sparse-bitmask, sparse-24-bitmask for 2:4, "
+        "marlin-24 for 2:4 with --bits: the file shrinks, but only compressed-tensors <= 0.14 reads these layouts).",
     )
     damp: float = Field(0.01, gt=0, le=1, allow_inf_nan=False, description="sparsegpt dampening, a fraction of the mean Hessian diagonal (at most 1).")
     block_size: int = Field(128, ge=1, description="sparsegpt: columns pruned together (the mask of a row is chosen per block).")
