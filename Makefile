@@ -45,6 +45,7 @@ bench-merge: venv peers
 	$(BIN)/python bench/merge.py
 
 bench-prune: venv peers
+	$(BIN)/pip install --quiet -e '.[plot]'
 	$(BIN)/python bench/prune.py
 
 clean:

@@ -396,7 +396,7 @@ def plot(results: dict, path: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib into .venv to get one)", flush=True)
+        print("matplotlib is not installed: no plot (`.venv/bin/pip install -e '.[plot]'`, as make bench-prune does)", flush=True)
         return
     known = {r.name: r for r in rows()}
     series: dict[str, list[tuple[float, float, str]]] = {}
