@@ -450,6 +450,7 @@ def main() -> None:
     parser.add_argument("--speed-reps", type=int, default=2, help="interleaved repeats of the speed measurement (best counts)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 8 blocks, 2048 evaluated tokens, one speed repeat")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "prune.json")
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "prune-structured.png", help="where the perplexity-vs-parameters PNG goes (README shows it)")
     args = parser.parse_args()
     if args.list:
         for r in rows():
@@ -509,7 +510,7 @@ def main() -> None:
                 results[name]["speed"] = s
         args.out.write_text(json.dumps(results, indent=2))
         if width_rows:
-            plot(results, args.out.with_suffix(".png"))
+            plot(results, args.plot)
         shutil.rmtree(work, ignore_errors=True)
     print(f"total {time.perf_counter() - started:.0f} s", flush=True)
     print(markdown(results))
