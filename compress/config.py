@@ -25,13 +25,13 @@ CALIBRATED = tuple(dict.fromkeys(GPTQ_QUANTIZER + SCALED))
 BITS = (2, 3, 4, 8)
 
 
-def _check_bits(v: int | None) -> int | None:
+def check_bits(v: int | None) -> int | None:
     if v is not None and v not in BITS:
         raise ValueError("bits must be 2, 3, 4 or 8")
     return v
 
 
-def _check_group_size(v: int | None) -> int | None:
+def check_group_size(v: int | None) -> int | None:
     if v is not None and v != -1 and v < 1:
         raise ValueError("group_size must be a positive number of columns, or -1 for one scale per output channel")
     return v
@@ -75,14 +75,20 @@ class Override(BaseModel):
     symmetric: bool | None = None
     skip: bool = False
 
-    _bits = field_validator("bits")(_check_bits)
-    _group_size = field_validator("group_size")(_check_group_size)
+    _bits = field_validator("bits")(check_bits)
+    _group_size = field_validator("group_size")(check_group_size)
 
     @model_validator(mode="before")
     @classmethod
     def _from_text(cls, value: Any) -> Any:
         return parse_override(value) if isinstance(value, str) else value
 
+
+#: The modules a compression pass leaves alone, shared by quantize and prune.
+IgnorePatterns = Annotated[
+    list[str],
+    Field(default_factory=lambda: list(DEFAULT_IGNORE), description="Modules to leave alone (name, .suffix or re:regex).", json_schema_extra={"metavar": "NAME"}),
+]
 
 # Calibration settings shared by every calibrated pass (quantize, prune): the same option, default and
 # validation wherever they appear.
@@ -143,11 +149,7 @@ class QuantizeConfig(BaseModel):
         description="Modules to quantize (name, .suffix or re:regex). Default: the decoder-layer linears.",
         json_schema_extra={"flags": ["--target"], "metavar": "NAME"},
     )
-    ignore: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_IGNORE),
-        description="Modules to leave alone (name, .suffix or re:regex).",
-        json_schema_extra={"metavar": "NAME"},
-    )
+    ignore: IgnorePatterns
     overrides: list[Override] = Field(
         default_factory=list,
         description="Per-module settings, e.g. 'down_proj:bits=8' or 're:.*\\.0\\..*:skip'; the first match wins.",
@@ -160,8 +162,8 @@ class QuantizeConfig(BaseModel):
     batch_size: CalibBatch = 4
     calib_dtype: CalibDtype = "auto"
 
-    _bits = field_validator("bits")(_check_bits)
-    _group_size = field_validator("group_size")(_check_group_size)
+    _bits = field_validator("bits")(check_bits)
+    _group_size = field_validator("group_size")(check_group_size)
 
     @property
     def selection(self) -> Selection:

@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from compress.config import BITS, CalibBatch, CalibDtype, CalibPath, CalibSamples, CalibSeqLen, parse_override
-from compress.targets import DEFAULT_IGNORE, Selection, matches
+from compress.config import CalibBatch, CalibDtype, CalibPath, CalibSamples, CalibSeqLen, IgnorePatterns, check_bits, check_group_size, parse_override
+from compress.targets import Selection, matches
 
 __all__ = ["NM", "PruneConfig", "PruneOverride", "PruneTarget", "StructuredSpec", "parse_nm", "parse_structured"]
 
@@ -198,11 +198,7 @@ class PruneConfig(BaseModel):
         description="Modules to prune (name, .suffix or re:regex). Default: the decoder-layer linears.",
         json_schema_extra={"flags": ["--target"], "metavar": "NAME"},
     )
-    ignore: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_IGNORE),
-        description="Modules to leave alone (name, .suffix or re:regex).",
-        json_schema_extra={"metavar": "NAME"},
-    )
+    ignore: IgnorePatterns
     overrides: list[PruneOverride] = Field(
         default_factory=list,
         description="Per-module pruning, e.g. 'down_proj:sparsity=0.3', 'q_proj:pattern=4:8' or 're:.*\\.0\\..*:skip'; the first match wins.",
@@ -243,19 +239,8 @@ class PruneConfig(BaseModel):
     _sparsity = field_validator("sparsity")(_check_sparsity)
     _pattern = field_validator("pattern")(_check_pattern)
 
-    @field_validator("bits")
-    @classmethod
-    def _bits(cls, value: int | None) -> int | None:
-        if value is not None and value not in BITS:
-            raise ValueError("bits must be 2, 3, 4 or 8")
-        return value
-
-    @field_validator("group_size")
-    @classmethod
-    def _group_size(cls, value: int) -> int:
-        if value != -1 and value < 1:
-            raise ValueError("group_size must be a positive number of columns, or -1 for one scale per output channel")
-        return value
+    _bits = field_validator("bits")(check_bits)
+    _group_size = field_validator("group_size")(check_group_size)
 
     @model_validator(mode="after")
     def _consistent(self) -> PruneConfig:
