@@ -251,7 +251,9 @@ def _streaming(src: Checkpoint, output: _Output, settings: PruneConfig, targets:
         if module in targets:
             w, flip = _oriented(src, name, module)
             if threshold is not None:
-                pruned = w.masked_fill(threshold(module, w), 0)
+                stored = w.t() if flip else w
+                mask = threshold(module, stored)
+                pruned = w.masked_fill(mask.t() if flip else mask, 0)
             else:
                 pruned = magnitude_prune(w, targets[module])
             output.dense(module, pruned, src.info(name).dtype, flip)
@@ -265,7 +267,7 @@ def _global_selection(src: Checkpoint, targets: dict[str, PruneTarget], sparsity
     """One magnitude cut across every target linear: the ``round(sparsity * total)`` smallest
     magnitudes of them all (ties: the earlier linear in checkpoint order, then the lower index),
     found by a radix select over float32 magnitudes read chunk by chunk. Returns
-    ``mask(module, w)`` for each linear's pruned entries."""
+    ``mask(module, stored)`` for each linear's pruned entries, given the weight as stored."""
     modules = [m for m in (module_of(n) for n in src.names()) if m in targets]
     chunks: list[tuple[str, int, int]] = []
     for module in modules:
@@ -283,17 +285,17 @@ def _global_selection(src: Checkpoint, targets: dict[str, PruneTarget], sparsity
     for j, (module, _, _) in enumerate(chunks):
         first.setdefault(module, j)
 
-    def mask(module: str, w: Tensor) -> Tensor:
-        # the chunks index the weight as stored; a transposed weight is masked as stored, then turned
-        stored = src.get(f"{module}.weight").reshape(-1)
+    def mask(module: str, stored: Tensor) -> Tensor:
+        """The pruned entries of ``module``'s weight ``stored`` (as the checkpoint stores it: the chunks
+        index it that way)."""
+        flat = stored.reshape(-1)
         parts = []
         for j in range(first[module], len(chunks)):
             if chunks[j][0] != module:
                 break
             _, a, b = chunks[j]
-            parts.append(selector.mask(j, magnitude_keys(stored[a:b].to(torch.float32))))
-        flat = torch.cat(parts).reshape(src.info(f"{module}.weight").shape)
-        return flat.t() if flat.shape != w.shape else flat
+            parts.append(selector.mask(j, magnitude_keys(flat[a:b].to(torch.float32))))
+        return torch.cat(parts).reshape(stored.shape)
 
     return mask
 
