@@ -61,8 +61,22 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def command(*args: Any, **kwargs: Any) -> Callable:
-    """``app.command`` whose function turns WeightsmithError and OSError into one line, exit code 2."""
+#: sub-command groups (``weightsmith export gguf``), made when a pass first names one
+_groups: dict[str, typer.Typer] = {}
+
+_GROUP_HELP = {"export": "Write a checkpoint in another runtime's format (GGUF for llama.cpp)."}
+
+
+def _group(name: str) -> typer.Typer:
+    if name not in _groups:
+        _groups[name] = typer.Typer(cls=_Group, help=_GROUP_HELP.get(name, ""), no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+        app.add_typer(_groups[name], name=name)
+    return _groups[name]
+
+
+def command(*args: Any, group: str | None = None, **kwargs: Any) -> Callable:
+    """``app.command`` (or a group's) whose function turns WeightsmithError and OSError into one line,
+    exit code 2."""
 
     def register(fn: Callable) -> Callable:
         @functools.wraps(fn)
@@ -77,7 +91,8 @@ def command(*args: Any, **kwargs: Any) -> Callable:
                 err.print(f"[bold red]error:[/] {where}: {exc.strerror or exc}", markup=True, highlight=False, soft_wrap=True)
                 raise typer.Exit(2) from None
 
-        return app.command(*args, cls=_Command, **kwargs)(wrapper)
+        target = _group(group) if group else app
+        return target.command(*args, cls=_Command, **kwargs)(wrapper)
 
     return register
 
@@ -470,7 +485,7 @@ def register_pass_commands() -> None:
             params.append(P("eval_text", P.KEYWORD_ONLY, default=None, annotation=EvalText))
         handler = with_signature(_pass_handler(spec, opts), params)
         handler.__doc__ = spec.summary
-        command(spec.name, help=spec.summary)(handler)
+        command(spec.name, group=spec.group, help=spec.summary)(handler)
 
 
 register_pass_commands()

@@ -104,6 +104,8 @@ class PassDef:
     #: for passes whose settings come from a file (a mergekit config): the model of that file's
     #: keys; the remaining settings fields are options
     settings_file_ref: str | None = None
+    #: the CLI command group the pass's command sits in (``export`` for ``weightsmith export gguf``)
+    group: str | None = None
 
     @property
     def settings(self) -> type[BaseModel]:
@@ -150,6 +152,15 @@ REGISTRY: dict[str, PassDef] = {
             uses_torch=False,
             keeps_freed_memory=True,
             settings_file_ref="merge.config:MergeConfig",
+        ),
+        PassDef(
+            "gguf",
+            "Export a checkpoint as one GGUF file for llama.cpp (f16, q8_0 ... q2_k and llama-quantize's mixes); "
+            "packed 4/8-bit linears keep their own codes.",
+            "compress.gguf.config:GGUFExportConfig",
+            "compress.gguf.export:run",
+            output=Output.FILE,
+            group="export",
         ),
         PassDef(
             "copy",

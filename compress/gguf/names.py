@@ -1,0 +1,109 @@
+"""Hugging Face tensor names and values -> llama.cpp's GGUF tensor names and layout.
+
+The tables are the ones :mod:`weightsmith.gguf_import` reads GGUF files with
+(:data:`weightsmith.gguf_import.GGUF_ARCHS`), inverted, so import and export cannot drift apart. For
+each tensor the plan says which transforms llama.cpp's ``convert_hf_to_gguf.py`` applies:
+
+* ``permute``: q and k rows of families whose rotary embedding llama.cpp runs in the "normal"
+  (interleaved) order (Llama, Mistral): within each head the two rotary halves are interleaved. It
+  moves whole rows, so integer codes and per-row scales of a quantized weight move with them.
+* ``norm_offset``: Gemma stores RMSNorm weights as ``w - 1``; llama.cpp wants ``w + 1``.
+* ``transpose``: GPT-2's Conv1D weights are ``[in, out]``; llama.cpp wants ``[out, in]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from weightsmith.gguf_import import GGUF_ARCHS, GGUFArch
+
+__all__ = ["EXPORT_ARCHS", "TensorRoute", "gguf_arch_of", "permute_rows", "route"]
+
+#: config.json ``model_type`` -> the GGUF architecture llama.cpp runs it as. llama.cpp writes Mistral
+#: as ``llama``; Gemma 3's text model is ``gemma3``.
+EXPORT_ARCHS: dict[str, str] = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+    "phi3": "phi3",
+    "gpt2": "gpt2",
+}
+
+
+@dataclass(frozen=True)
+class TensorRoute:
+    """Where one Hugging Face tensor goes: its GGUF name, its leaf (``attn_q``, ``ffn_down``,
+    ``token_embd``...), its block index (None outside the blocks) and the transforms it needs."""
+
+    gguf_name: str
+    leaf: str
+    block: int | None
+    #: query or key heads to interleave the rotary halves of (0: no permutation)
+    permute_heads: int = 0
+    norm_offset: float = 0.0
+    transpose: bool = False
+
+
+def gguf_arch_of(model_type: str | None) -> tuple[str, GGUFArch] | None:
+    """``(GGUF architecture name, its table)`` for a config's ``model_type``; None when llama.cpp export
+    is not supported for it."""
+    name = EXPORT_ARCHS.get(model_type or "")
+    if name is None:
+        return None
+    return name, GGUF_ARCHS[name]
+
+
+def _inverse(table: Mapping[str, str]) -> dict[str, str]:
+    return {hf: gguf for gguf, hf in table.items()}
+
+
+def route(hf_name: str, gguf_arch: str, heads: Mapping[str, int]) -> TensorRoute | None:
+    """The route of tensor ``hf_name`` (``model.layers.3.self_attn.q_proj.weight``), or None for a
+    tensor llama.cpp has no place for. ``heads`` gives the query and key/value head counts
+    (``{"attn_q": 9, "attn_k": 3}``) for the rotary permutation."""
+    arch = GGUF_ARCHS[gguf_arch]
+    module, dot, suffix = hf_name.rpartition(".")
+    if not dot or suffix not in ("weight", "bias"):
+        return None
+    top = _inverse(arch.top)
+    if module in top:
+        leaf = top[module]
+        return TensorRoute(f"{leaf}.{suffix}", leaf, None, norm_offset=_offset(arch, leaf, suffix))
+    head = f"{arch.layers_prefix}."
+    if not module.startswith(head):
+        return None
+    index, _, rest = module[len(head) :].partition(".")
+    leaf = _inverse(arch.layer).get(rest)
+    if not index.isdigit() or leaf is None:
+        return None
+    return TensorRoute(
+        f"blk.{int(index)}.{leaf}.{suffix}",
+        leaf,
+        int(index),
+        permute_heads=int(heads.get(leaf, 0)) if arch.permute_qk else 0,
+        norm_offset=_offset(arch, leaf, suffix),
+        transpose=leaf in arch.transpose and suffix == "weight",
+    )
+
+
+def _offset(arch: GGUFArch, leaf: str, suffix: str) -> float:
+    return arch.norm_offset if leaf.endswith("norm") and suffix == "weight" else 0.0
+
+
+def permute_rows(rows: int, heads: int) -> list[int]:
+    """The source row of every output row when llama.cpp interleaves the rotary halves of ``heads``
+    heads (the inverse of :func:`weightsmith.gguf_import.unpermute_rows`): within a head of width
+    ``2h``, output row ``2i`` is source row ``i`` and output row ``2i + 1`` is source row ``h + i``."""
+    if heads <= 0 or rows % (2 * heads):
+        raise ValueError(f"{rows} rows do not split into {heads} heads of two rotary halves")
+    half = rows // heads // 2
+    order: list[int] = []
+    for h in range(heads):
+        base = h * 2 * half
+        for i in range(half):
+            order += [base + i, base + half + i]
+    return order

@@ -1,0 +1,213 @@
+"""GGUF export: names, layout, mixes, tokenizer metadata, kept codes, loading back (gguf reader and
+transformers)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from compress.gguf import mixes
+from compress.gguf.names import permute_rows
+from tests.conftest import make_tiny_llama
+from weightsmith.gguf_import import unpermute_rows
+
+
+@pytest.fixture(scope="module")
+def llama256(tmp_path_factory) -> Path:
+    """A tiny Llama whose widths (256, 512) fit every block type, K-quants included."""
+    return make_tiny_llama(tmp_path_factory.mktemp("models") / "llama256", hidden=256, layers=2)
+
+
+def _export(cli, model: Path, out: Path, *args: str) -> None:
+    result = cli("export", "gguf", model, out, *args)
+    assert result.exit_code == 0, result.output
+
+
+def _reader(path: Path):
+    import gguf
+
+    return gguf.GGUFReader(str(path))
+
+
+def _dequantized(reader, name: str) -> np.ndarray:
+    from gguf.quants import dequantize
+
+    t = next(t for t in reader.tensors if t.name == name)
+    values = dequantize(t.data, t.tensor_type)
+    return np.asarray(values, dtype=np.float32).reshape([int(n) for n in reversed(t.shape)])
+
+
+def _meta(reader, key: str):
+    field = reader.fields[key]
+    return field.contents()
+
+
+def test_permute_rows_is_the_inverse_of_import():
+    w = np.arange(24 * 3, dtype=np.float32).reshape(24, 3)
+    for heads in (1, 2, 3, 6):
+        permuted = w[permute_rows(24, heads)]
+        assert np.array_equal(unpermute_rows(permuted, heads), w)
+        assert not np.array_equal(permuted, w) or heads == 12
+
+
+def test_mix_rules_follow_llama_quantize_on_smollm2_shapes():
+    """SmolLM2-135M: 30 layers, width 576 (not a multiple of 256), MLP 1536, tied embeddings, 3 query
+    heads per key/value head."""
+    chooser = mixes.TypeChooser(mixes.MIXES["q4_k_m"], 30, tied=True, gqa=3)
+    assert chooser.choose("token_embd.weight", "token_embd", None, (49152, 576)) == "q8_0"
+    assert chooser.choose("blk.0.attn_norm.weight", "attn_norm", 0, (576,)) == "f32"
+    assert chooser.choose("blk.5.attn_q.weight", "attn_q", 5, (576, 576)) == "q5_0"  # q4_k falls back
+    assert chooser.choose("blk.0.ffn_down.weight", "ffn_down", 0, (576, 1536)) == "q6_k"  # first eighth
+    assert chooser.choose("blk.4.ffn_down.weight", "ffn_down", 4, (576, 1536)) == "q4_k"
+    assert chooser.choose("blk.5.ffn_down.weight", "ffn_down", 5, (576, 1536)) == "q6_k"  # (5 - 3) % 3 == 2
+    assert chooser.choose("blk.0.attn_v.weight", "attn_v", 0, (192, 576)) == "q8_0"  # q6_k falls back
+    assert chooser.choose("blk.4.attn_v.weight", "attn_v", 4, (192, 576)) == "q5_0"
+    assert [i for i in range(30) if mixes.use_more_bits(i, 30)] == [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]
+
+    q4_0 = mixes.TypeChooser(mixes.MIXES["q4_0"], 30, tied=True, gqa=3)
+    assert q4_0.choose("token_embd.weight", "token_embd", None, (49152, 576)) == "q8_0"
+    assert q4_0.choose("blk.0.ffn_down.weight", "ffn_down", 0, (576, 1536)) == "q4_0"
+    untied = mixes.TypeChooser(mixes.MIXES["q4_0"], 30, tied=False, gqa=3)
+    assert untied.choose("token_embd.weight", "token_embd", None, (49152, 512)) == "q4_0"
+    assert untied.choose("output.weight", "output", None, (49152, 512)) == "q6_k"
+
+    q3 = mixes.TypeChooser(mixes.MIXES["q3_k_m"], 32, tied=False)
+    assert [q3.choose(f"blk.{i}.attn_v.weight", "attn_v", i, (1024, 4096)) for i in (0, 1, 2)] == ["q5_k", "q5_k", "q4_k"]
+    assert [q3.choose(f"blk.{i}.ffn_down.weight", "ffn_down", i, (4096, 11008 // 256 * 256)) for i in (0, 1, 2)] == ["q5_k", "q5_k", "q4_k"]
+    assert q3.choose("blk.3.attn_output.weight", "attn_output", 3, (4096, 4096)) == "q4_k"
+    assert q3.choose("blk.3.attn_q.weight", "attn_q", 3, (4096, 4096)) == "q3_k"
+    assert mixes.TypeChooser(mixes.MIXES["q2_k"], 32, tied=False, gqa=4).choose("blk.3.attn_v.weight", "attn_v", 3, (1024, 4096)) == "q4_k"
+
+
+def test_pure_and_overrides():
+    overrides = mixes.parse_tensor_types([r"attn_v=q8_0", r"blk\.1\.=f16"])
+    chooser = mixes.TypeChooser(mixes.MIXES["q4_k_m"], 4, tied=False, pure=True, overrides=overrides)
+    assert chooser.choose("blk.0.attn_v.weight", "attn_v", 0, (256, 256)) == "q8_0"
+    assert chooser.choose("blk.1.attn_q.weight", "attn_q", 1, (256, 256)) == "f16"
+    assert chooser.choose("blk.0.ffn_down.weight", "ffn_down", 0, (256, 512)) == "q4_k"  # pure: no rule
+    assert chooser.choose("output.weight", "output", None, (320, 256)) == "q4_k"
+    for bad in ("attn_v", "attn_v=q9_0", "(=q4_0"):
+        with pytest.raises(ValueError):
+            mixes.parse_tensor_types([bad])
+    assert mixes.fallback("q6_k", 96) == "q8_0" and mixes.fallback("q4_0", 48) == "f16" and mixes.fallback("q4_k", 512) == "q4_k"
+
+
+def test_f32_export_holds_the_checkpoint_exactly(cli, tiny_llama, tmp_path):
+    from weightsmith.checkpoint import Checkpoint
+
+    out = tmp_path / "m.gguf"
+    _export(cli, tiny_llama, out, "--type", "f32")
+    reader = _reader(out)
+    src = Checkpoint(tiny_llama)
+    config = src.config
+    assert _meta(reader, "general.architecture") == "llama"
+    assert _meta(reader, "llama.block_count") == config["num_hidden_layers"]
+    assert _meta(reader, "llama.embedding_length") == config["hidden_size"]
+    assert _meta(reader, "llama.feed_forward_length") == config["intermediate_size"]
+    assert _meta(reader, "llama.attention.head_count") == 4
+    assert _meta(reader, "llama.attention.head_count_kv") == 2
+    assert _meta(reader, "llama.rope.dimension_count") == config["hidden_size"] // 4
+    assert _meta(reader, "general.file_type") == 0
+    names = [t.name for t in reader.tensors]
+    assert "output.weight" in names and "token_embd.weight" in names and len(names) == len(src.names())
+    q = _dequantized(reader, "blk.1.attn_q.weight")
+    w = src.get("model.layers.1.self_attn.q_proj.weight").float().numpy()
+    assert np.array_equal(unpermute_rows(q, 4), w)
+    k = _dequantized(reader, "blk.0.attn_k.weight")
+    assert np.array_equal(unpermute_rows(k, 2), src.get("model.layers.0.self_attn.k_proj.weight").float().numpy())
+    assert np.array_equal(_dequantized(reader, "blk.0.ffn_down.weight"), src.get("model.layers.0.mlp.down_proj.weight").float().numpy())
+    assert np.array_equal(_dequantized(reader, "output_norm.weight"), src.get("model.norm.weight").float().numpy())
+
+
+def test_tokenizer_metadata_matches_tokenizer_json(cli, tiny_llama, tmp_path):
+    out = tmp_path / "m.gguf"
+    _export(cli, tiny_llama, out, "--type", "f16")
+    reader = _reader(out)
+    doc = json.loads((tiny_llama / "tokenizer.json").read_text())
+    tokens = _meta(reader, "tokenizer.ggml.tokens")
+    vocab = doc["model"]["vocab"]
+    assert len(tokens) == max(vocab.values()) + 1
+    assert all(tokens[i] == t for t, i in vocab.items())
+    merges = _meta(reader, "tokenizer.ggml.merges")
+    assert merges == [m if isinstance(m, str) else " ".join(m) for m in doc["model"]["merges"]]
+    assert _meta(reader, "tokenizer.ggml.model") == "gpt2"
+    assert _meta(reader, "tokenizer.ggml.pre") == "gpt-2"
+    types = list(_meta(reader, "tokenizer.ggml.token_type"))
+    eos = tokens.index("<eos>")
+    assert types[eos] == 3 and types.count(3) == 1 and set(types) == {1, 3}
+    assert _meta(reader, "tokenizer.ggml.eos_token_id") == eos
+    assert _meta(reader, "tokenizer.ggml.add_bos_token") is False
+
+
+def test_transformers_loads_the_export_to_the_same_logits(cli, llama256, tmp_path):
+    """f16 within float16 rounding; q8_0 / q4_0 / q4_k within their rounding, measured against the
+    float model on the same tokens."""
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(llama256, dtype=torch.float32).eval()
+    ids = torch.arange(2, 66).remainder(300).unsqueeze(0)
+    with torch.no_grad():
+        want = ref(ids).logits
+    spread = float(want.std())
+    bounds = {"f16": 2e-3, "q8_0": 0.02, "q4_0": 0.25, "q4_k_m": 0.25}
+    for gtype, bound in bounds.items():
+        out = tmp_path / f"m-{gtype}.gguf"
+        _export(cli, llama256, out, "--type", gtype)
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32).eval()
+        with torch.no_grad():
+            got = model(ids).logits
+        rel = float((got - want).abs().max()) / spread
+        assert rel < bound, (gtype, rel)
+
+
+def test_kept_codes_are_written_as_they_are(cli, llama256, tmp_path):
+    """RTN W4 g32 symmetric, packed -> GGUF q4_0: every block dequantizes to our codes x scales exactly
+    (after llama.cpp's row permutation of q and k), and no linear is rounded again."""
+    from compress.packed_input import packed_layers, read_quantized
+    from weightsmith.checkpoint import Checkpoint
+
+    q_dir = tmp_path / "q"
+    result = cli("quantize", llama256, q_dir, "--method", "rtn", "--bits", "4", "--group-size", "32", "--symmetric", "--format", "packed")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "q.gguf"
+    _export(cli, q_dir, out)
+    reader = _reader(out)
+    src = Checkpoint(q_dir)
+    layers = packed_layers(src)
+    assert layers
+    for name, layer in layers.items():
+        q = read_quantized(src, layer)
+        want = ((q.codes.float() - q.zeros.float().repeat_interleave(32, 1)) * q.scales.float().repeat_interleave(32, 1)).numpy()
+        block, leaf = name.split(".")[2], {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output", "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}[name.split(".")[-2]]
+        gguf_name = f"blk.{block}.{leaf}.weight"
+        t = next(t for t in reader.tensors if t.name == gguf_name)
+        assert t.tensor_type.name == "Q4_0"
+        got = _dequantized(reader, gguf_name)
+        if leaf in ("attn_q", "attn_k"):
+            got = unpermute_rows(got, 4 if leaf == "attn_q" else 2)
+        assert np.array_equal(got, want), gguf_name
+    assert _meta(reader, "general.file_type") == 2
+
+
+def test_refusals(cli, tmp_path, tiny_llama):
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"x")
+    result = cli("export", "gguf", tiny_llama, out)
+    assert result.exit_code == 2 and "already exists" in result.output
+    assert out.read_bytes() == b"x"
+    result = cli("export", "gguf", tiny_llama, tmp_path / "n.gguf", "--type", "q9_k")
+    assert result.exit_code == 2 and "unknown GGUF type 'q9_k'" in result.output
+    opt = tmp_path / "opt"
+    opt.mkdir()
+    (opt / "config.json").write_text(json.dumps({"model_type": "opt"}))
+    from safetensors.torch import save_file
+
+    save_file({"model.decoder.embed_tokens.weight": torch.zeros(4, 4)}, str(opt / "model.safetensors"))
+    result = cli("export", "gguf", opt, tmp_path / "o.gguf")
+    assert result.exit_code == 2 and "does not support model_type 'opt'" in result.output
+    assert not (tmp_path / "o.gguf").exists()
+    assert not list(tmp_path.glob(".*.tmp"))
