@@ -144,34 +144,56 @@ def test_tokenizer_metadata_matches_tokenizer_json(cli, tiny_llama, tmp_path):
 
 
 def test_transformers_loads_the_export_to_the_same_logits(cli, llama256, tmp_path):
-    """f16 within float16 rounding; q8_0 / q4_0 / q4_k within their rounding, measured against the
-    float model on the same tokens."""
+    """transformers reads our names, layout and hyper-parameters as we meant them: the model it loads
+    from each file gives the logits of the source model with every weight replaced by the file's
+    dequantized tensor (q/k rows put back), to float32 accuracy; at f32 those are the source's own."""
     from transformers import AutoModelForCausalLM
 
     ref = AutoModelForCausalLM.from_pretrained(llama256, dtype=torch.float32).eval()
+    source_state = {k: v.clone() for k, v in ref.state_dict().items()}
     ids = torch.arange(2, 66).remainder(300).unsqueeze(0)
     with torch.no_grad():
-        want = ref(ids).logits
-    spread = float(want.std())
-    bounds = {"f16": 2e-3, "q8_0": 0.02, "q4_0": 0.25, "q4_k_m": 0.25}
-    for gtype, bound in bounds.items():
+        source_logits = ref(ids).logits
+    back = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+    layer = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+             "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    for gtype in ("f32", "f16", "q8_0", "q4_0", "q4_k_m"):
         out = tmp_path / f"m-{gtype}.gguf"
         _export(cli, llama256, out, "--type", gtype)
+        reader = _reader(out)
+        state = {}
+        for t in reader.tensors:
+            parts = t.name.split(".")
+            values = _dequantized(reader, t.name)
+            if parts[0] == "blk":
+                leaf = parts[2]
+                if leaf in ("attn_q", "attn_k"):
+                    values = unpermute_rows(values, 4 if leaf == "attn_q" else 2)
+                state[f"model.layers.{parts[1]}.{layer[leaf]}.weight"] = torch.from_numpy(values.copy())
+            else:
+                state[f"{back[parts[0]]}.weight"] = torch.from_numpy(values.copy())
+        ref.load_state_dict(state)
+        with torch.no_grad():
+            want = ref(ids).logits
         model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32).eval()
         with torch.no_grad():
             got = model(ids).logits
-        rel = float((got - want).abs().max()) / spread
-        assert rel < bound, (gtype, rel)
+        assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max()), gtype
+        if gtype == "f32":
+            assert torch.equal(got, source_logits)
+        ref.load_state_dict(source_state)
 
 
 def test_kept_codes_are_written_as_they_are(cli, llama256, tmp_path):
     """RTN W4 g32 symmetric, packed -> GGUF q4_0: every block dequantizes to our codes x scales exactly
-    (after llama.cpp's row permutation of q and k), and no linear is rounded again."""
+    (after llama.cpp's row permutation of q and k), and no linear is rounded again. A float32 model's
+    scales are not float16 values: those linears are rounded again, and the report says so."""
     from compress.packed_input import packed_layers, read_quantized
     from weightsmith.checkpoint import Checkpoint
 
-    q_dir = tmp_path / "q"
-    result = cli("quantize", llama256, q_dir, "--method", "rtn", "--bits", "4", "--group-size", "32", "--symmetric", "--format", "packed")
+    half, q_dir = tmp_path / "bf16", tmp_path / "q"
+    assert cli("copy", llama256, half, "--dtype", "bf16").exit_code == 0  # bf16 scales are float16 values
+    result = cli("quantize", half, q_dir, "--method", "rtn", "--bits", "4", "--group-size", "32", "--symmetric", "--format", "packed")
     assert result.exit_code == 0, result.output
     out = tmp_path / "q.gguf"
     _export(cli, q_dir, out)
@@ -191,6 +213,15 @@ def test_kept_codes_are_written_as_they_are(cli, llama256, tmp_path):
             got = unpermute_rows(got, 4 if leaf == "attn_q" else 2)
         assert np.array_equal(got, want), gguf_name
     assert _meta(reader, "general.file_type") == 2
+    from compress.gguf.config import GGUFExportConfig
+    from compress.gguf.export import export_gguf
+
+    report = export_gguf(Checkpoint(q_dir), tmp_path / "q-again.gguf", GGUFExportConfig(type="q4_0"))
+    assert report.extra["kept_codes"] == 14 and report.extra["requantized"] == 0
+    q32 = tmp_path / "q32"
+    assert cli("quantize", llama256, q32, "--method", "rtn", "--bits", "4", "--group-size", "32", "--symmetric", "--format", "packed").exit_code == 0
+    report = export_gguf(Checkpoint(q32), tmp_path / "q32.gguf", GGUFExportConfig(type="q4_0"))
+    assert report.extra["kept_codes"] == 0 and report.extra["requantized"] == 14
 
 
 def test_refusals(cli, tmp_path, tiny_llama):
