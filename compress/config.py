@@ -155,7 +155,13 @@ class QuantizeConfig(BaseModel):
         description="Per-module settings, e.g. 'down_proj:bits=8' or 're:.*\\.0\\..*:skip'; the first match wins.",
         json_schema_extra={"flags": ["--override"], "metavar": "PATTERN:KEY=VALUE,..."},
     )
-    format: Literal["dense", "packed"] = Field("dense", description="dense (dequantized, original dtype) or packed (compressed-tensors pack-quantized).")
+    format: str = Field(
+        "dense",
+        description="dense (dequantized, original dtype), packed (compressed-tensors pack-quantized), or gguf:TYPE (codes on the grid of a "
+        "llama.cpp type or mix such as gguf:q4_k_m, per tensor as llama-quantize chooses; bits and group size then come from the type; "
+        "the folder holds the dense weights and the GGUF blocks that `weightsmith export gguf` writes as they are).",
+        json_schema_extra={"metavar": "dense|packed|gguf:TYPE"},
+    )
     calib: CalibPath = None
     samples: CalibSamples = 128
     seq_len: CalibSeqLen = 512
@@ -164,6 +170,37 @@ class QuantizeConfig(BaseModel):
 
     _bits = field_validator("bits")(check_bits)
     _group_size = field_validator("group_size")(check_group_size)
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, value: str) -> str:
+        if value in ("dense", "packed"):
+            return value
+        kind, colon, gtype = value.partition(":")
+        if kind != "gguf" or not colon:
+            raise ValueError(f"format must be dense, packed or gguf:TYPE, got {value!r}")
+        from compress.gguf.mixes import mix_named
+
+        name, mix = mix_named(gtype)
+        if not mix.quantized:
+            raise ValueError(f"gguf:{name} is a float type; quantize to a block type (gguf:q4_0, gguf:q4_k_m, ...) or export it directly")
+        return f"gguf:{name}"
+
+    @model_validator(mode="after")
+    def _gguf_methods(self) -> QuantizeConfig:
+        if self.gguf_mix is not None:
+            methods = {self.method} | {o.method for o in self.overrides if o.method and not o.skip}
+            if methods & set(SCALED):
+                raise ValueError(
+                    "AWQ does not choose codes on GGUF grids here; use --method gptq or rtn with --format gguf:TYPE, "
+                    "or AWQ with --bits 4 --group-size 32 --symmetric --format packed (exported to q4_0 with its own codes)"
+                )
+        return self
+
+    @property
+    def gguf_mix(self) -> str | None:
+        """The llama.cpp type or mix whose grids the codes are chosen on (``format: gguf:TYPE``), or None."""
+        return self.format.partition(":")[2] if self.format.startswith("gguf:") else None
 
     @property
     def selection(self) -> Selection:

@@ -5,6 +5,12 @@ tensors. GPTQ and AWQ run the decoder layers one at a time on calibration tokens
 (:mod:`weightsmith.calibrate`). Every quantized linear becomes a :class:`compress.grid.QuantizedTensor`,
 from which the output format is written: ``dense`` (dequantized weights in the model dtype) or
 ``packed`` (compressed-tensors ``pack-quantized``, loadable by transformers and vLLM).
+
+``gguf:TYPE`` chooses the codes on the grids of a llama.cpp type or mix instead
+(:mod:`compress.gguf.calibrated`): each linear gets the block type llama-quantize would give it, RTN is
+llama.cpp's reference quantizer and GPTQ sweeps on that type's blocks; the folder holds the dense
+weights (the GGUF values in the model dtype) and, in :data:`GGUF_BLOCKS`, the blocks themselves,
+which the GGUF export writes as they are.
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, str], None]
 CALIB_ASSET = "text/wikitext2-test-calib.raw"
+#: the extra file of a ``gguf:TYPE`` output: each linear's GGUF blocks (uint8 ``[rows, bytes per row]``,
+#: rows in the checkpoint's order), its type in the header metadata under the tensor's name
+GGUF_BLOCKS = "gguf-blocks.safetensors"
 
 
 @dataclass
@@ -76,14 +85,53 @@ def select_linears(ckpt: Checkpoint, config: QuantizeConfig) -> dict[str, Linear
     chosen = select_weights(ckpt, config.selection, config.settings_for, arch.linears if arch else None)
     if not chosen:
         raise WeightsmithError(ckpt.folder, "no weight matches the targets; nothing to quantize")
+    if config.gguf_mix is not None:
+        chosen = _gguf_grids(ckpt, config.gguf_mix, chosen)
     return chosen
+
+
+def _gguf_grids(ckpt: Checkpoint, mix: str, chosen: dict[str, LinearSettings]) -> dict[str, LinearSettings]:
+    """Each linear on the grid of the block type llama-quantize's ``mix`` gives it (a linear whose width
+    fits no block type stays unquantized, as llama.cpp keeps it in float16)."""
+    from compress.gguf.calibrated import GGUFGrid
+    from compress.gguf.mixes import MIXES, FLOAT_TYPES, TypeChooser
+    from compress.gguf.names import gguf_arch_of, route
+
+    config = ckpt.config
+    found = gguf_arch_of(config.get("model_type"))
+    if found is None:
+        raise WeightsmithError(ckpt.folder / "config.json", f"format gguf: llama.cpp export does not support model_type {config.get('model_type')!r}")
+    heads = int(config.get("num_attention_heads") or 1)
+    kv = int(config.get("num_key_value_heads") or heads)
+    chooser = TypeChooser(MIXES[mix], int(config.get("num_hidden_layers") or 0), bool(config.get("tie_word_embeddings")), gqa=max(1, heads // kv))
+    out: dict[str, LinearSettings] = {}
+    for module, settings in chosen.items():
+        r = route(f"{module}.weight", found[0], {})
+        if r is None:
+            raise WeightsmithError(ckpt.folder, f"format gguf: {module} has no place in a llama.cpp model")
+        gtype = chooser.choose(r.gguf_name, r.leaf, r.block, tuple(ckpt.info(f"{module}.weight").shape))
+        if gtype in FLOAT_TYPES:
+            log.warning("%s: no GGUF block type fits its width; left unquantized (llama.cpp keeps it in %s)", module, gtype)
+            continue
+        out[module] = LinearSettings(settings.method, GGUFGrid(gtype))
+    return out
 
 
 def emit(writer: CheckpointWriter, module: str, q: QuantizedTensor, dtype: torch.dtype, fmt: str, report: QuantReport, transposed: bool = False) -> None:
     """Write one quantized linear in the chosen format and count its storage bits. In the packed
     format a linear whose width is not a multiple of the group size (a shorter last group, which
     compressed-tensors cannot decode) is stored dequantized, and config.json says so. ``transposed``:
-    the checkpoint stores the weight ``[in, out]`` (dense only, see :func:`packed_config`)."""
+    the checkpoint stores the weight ``[in, out]`` (dense only, see :func:`packed_config`). A GGUF-grid
+    linear is written dense and its blocks go to :data:`GGUF_BLOCKS`."""
+    from compress.gguf.quants import GGUFQuant
+
+    if isinstance(q, GGUFQuant):
+        from compress.gguf import quants
+
+        writer.add(f"{module}.weight", quants.dequantize(q).to(dtype))
+        writer.add_extra(GGUF_BLOCKS, f"{module}.weight", quants.pack(q), note=quants.gguf_type(q.gtype).name)
+        report.add(q, quants.gguf_type(q.gtype).bits_per_weight)
+        return
     ragged = ragged_group_reason(q.grid, q.shape[1]) is not None
     if fmt == "dense" or ragged:
         w = q.dequantize()
@@ -140,7 +188,7 @@ def quantize_checkpoint(
     ``device``."""
     linears = select_linears(src, config)
     report = QuantReport()
-    report.ragged = sorted(m for m, s in linears.items() if ragged_group_reason(s.grid, src.info(f"{m}.weight").shape[1]))
+    report.ragged = sorted(m for m, s in linears.items() if isinstance(s.grid, QuantGrid) and ragged_group_reason(s.grid, src.info(f"{m}.weight").shape[1]))
     out_config = packed_config(src.config, linears, report.ragged, config.act_order) if config.format == "packed" else None
     record = record or Record("quantize", config.model_dump(mode="json"), seed=seed)
     record.add_input(src.folder, src.files, src.provenance)
@@ -157,6 +205,12 @@ def quantize_checkpoint(
 
 
 def _rtn(w: torch.Tensor, grid: QuantGrid, clip: bool, dtype: torch.dtype, importance: torch.Tensor | None = None) -> QuantizedTensor:
+    from compress.gguf.calibrated import GGUFGrid
+
+    if isinstance(grid, GGUFGrid):  # llama.cpp's reference quantizer (its own scale search)
+        from compress.gguf import quants
+
+        return quants.quantize(w.to(dtype), grid.gtype, importance)
     w = w.to(dtype)
     ratios = mse_clip_search(w, grid, importance=importance) if clip else None
     return quantize(w, grid, ratios)
@@ -237,9 +291,16 @@ def _quantize_layer(
             q = quantize(w.to(dtype), settings.grid, awq_clip_ratios(w.to(dtype), clip_inputs[lin], settings.grid))
         else:
             q = _rtn(w, settings.grid, config.clip or settings.method == "awq", dtype)
-        module.weight.data = q.dequantize().to(w.dtype)
+        module.weight.data = dequantized(q).to(w.dtype)
         quantized[lin] = q
     return quantized
+
+
+def dequantized(q) -> torch.Tensor:
+    """The float weight of a quantized linear, on our grids or a GGUF type's."""
+    from compress.gguf.quants import GGUFQuant, dequantize
+
+    return dequantize(q) if isinstance(q, GGUFQuant) else q.dequantize()
 
 
 def _gptq_batches(mine: dict[str, LinearSettings], inputs: LayerInputs, prefix: str, src: Checkpoint) -> list[list[str]]:
@@ -276,6 +337,10 @@ def _gptq_together(
     dequantized, so that the runner propagates the error."""
     modules = [get_module(step.module, lin) for lin in names]
     w = torch.cat([m.weight.data.to(dtype) for m in modules])
+    from compress.gguf.calibrated import GGUFGrid
+
+    if isinstance(grid, GGUFGrid):
+        return _gptq_gguf_together(modules, names, w, hessian, grid, config, report)
     mask = zero_mask(w, config.keep_zeros)
     clip = hessian_clip_search(w, hessian, grid) if config.clip else None
     q, loss = gptq_quantize(w, hessian, grid, damp=config.damp, block_size=config.block_size, act_order=config.act_order, clip=clip, mask=mask)
@@ -286,6 +351,26 @@ def _gptq_together(
         stop = start + module.weight.shape[0]
         out[lin] = q.rows(start, stop)
         module.weight.data = out[lin].dequantize().to(module.weight.dtype)
+        start = stop
+    return out
+
+
+def _gptq_gguf_together(modules: list, names: list[str], w: torch.Tensor, hessian: torch.Tensor, grid, config: QuantizeConfig, report: QuantReport) -> dict:
+    """:func:`_gptq_together` on a GGUF type's grid (the block parameters weighted by the Hessian's
+    diagonal, llama.cpp's importance matrix)."""
+    from compress.gguf import quants
+    from compress.gguf.calibrated import gptq_gguf, rows_of
+
+    if zero_mask(w, config.keep_zeros) is not None:
+        log.warning("%s: GPTQ on GGUF grids does not keep a pruned model's zeros; they are rounded like any weight", ", ".join(names))
+    q, loss = gptq_gguf(w, hessian, grid, damp=config.damp, block_size=config.block_size, importance=torch.diagonal(hessian))
+    report.gptq_loss += loss
+    out = {}
+    start = 0
+    for lin, module in zip(names, modules):
+        stop = start + module.weight.shape[0]
+        out[lin] = rows_of(q, start, stop)
+        module.weight.data = quants.dequantize(out[lin]).to(module.weight.dtype)
         start = stop
     return out
 
@@ -427,5 +512,5 @@ def run(inputs: Sequence[Checkpoint], dest: Path, settings: QuantizeConfig, runt
     extra = {k: v for k, v in done.figures().items() if k != "bits_per_weight"}
     if done.ragged:
         extra["ragged_last_group"] = len(done.ragged)
-    grid = f"W{settings.bits} g{settings.group_size} {'sym' if settings.symmetric else 'asym'}"
+    grid = settings.format if settings.gguf_mix else f"W{settings.bits} g{settings.group_size} {'sym' if settings.symmetric else 'asym'}"
     return Report("quantize", dest, bits_per_weight=done.bits_per_weight, extra=extra, title=f"{settings.method} {grid} ({settings.format})")

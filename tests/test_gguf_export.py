@@ -242,3 +242,59 @@ def test_refusals(cli, tmp_path, tiny_llama):
     assert result.exit_code == 2 and "does not support model_type 'opt'" in result.output
     assert not (tmp_path / "o.gguf").exists()
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_quantize_on_gguf_grids_then_export_keeps_the_blocks(cli, llama256, tmp_path, method):
+    """quantize --format gguf:q4_k_m chooses each linear's codes on the type llama-quantize gives it;
+    export writes those blocks as they are, and they dequantize to the checkpoint's dense weights."""
+    from safetensors import safe_open
+
+    from compress.quantize import GGUF_BLOCKS
+    from tests.conftest import SAMPLE_TEXT
+    from weightsmith.checkpoint import Checkpoint
+
+    q_dir = tmp_path / "q"
+    args = ["--method", method, "--format", "gguf:q4_k_m"]
+    if method == "gptq":
+        args += ["--calib", str(SAMPLE_TEXT), "--samples", "4", "--seq-len", "64"]
+    result = cli("quantize", llama256, q_dir, *args)
+    assert result.exit_code == 0, result.output
+    src = Checkpoint(q_dir)
+    with safe_open(str(q_dir / GGUF_BLOCKS), framework="pt") as fh:
+        types = fh.metadata()
+        stored = {name: fh.get_tensor(name).numpy() for name in fh.keys()}
+    assert len(stored) == 14
+    # llama-quantize's q4_k_m on 2 layers: attn_v and ffn_down get q6_k in the last eighth (layer 1) only
+    assert types["model.layers.1.self_attn.v_proj.weight"] == "q6_k" and types["model.layers.1.mlp.down_proj.weight"] == "q6_k"
+    assert types["model.layers.0.self_attn.v_proj.weight"] == "q4_k" and types["model.layers.0.self_attn.q_proj.weight"] == "q4_k"
+    out = tmp_path / "q.gguf"
+    _export(cli, q_dir, out, "--type", "q4_k_m")
+    reader = _reader(out)
+    for name, blocks in stored.items():
+        parts = name.split(".")
+        leaf = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output", "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}[parts[-2]]
+        t = next(t for t in reader.tensors if t.name == f"blk.{parts[2]}.{leaf}.weight")
+        assert t.tensor_type.name == types[name].upper()
+        data = np.asarray(t.data).reshape(blocks.shape)
+        if leaf in ("attn_q", "attn_k"):
+            data = data[np.argsort(permute_rows(blocks.shape[0], 4 if leaf == "attn_q" else 2))]
+        assert np.array_equal(data, blocks), name
+        got = _dequantized(reader, t.name)
+        if leaf in ("attn_q", "attn_k"):
+            got = unpermute_rows(got, 4 if leaf == "attn_q" else 2)
+        assert np.array_equal(got, src.get(name).float().numpy()), name
+    from compress.gguf.config import GGUFExportConfig
+    from compress.gguf.export import export_gguf
+
+    report = export_gguf(src, tmp_path / "auto.gguf", GGUFExportConfig())
+    assert report.extra["kept_codes"] == 14 and report.extra["requantized"] == 0
+    report = export_gguf(src, tmp_path / "other.gguf", GGUFExportConfig(type="q8_0"))
+    assert report.extra["kept_codes"] == 0 and report.extra["requantized"] == 14
+
+
+def test_awq_on_gguf_grids_is_refused(cli, llama256, tmp_path):
+    result = cli("quantize", llama256, tmp_path / "q", "--method", "awq", "--format", "gguf:q4_0")
+    assert result.exit_code == 2 and "AWQ does not choose codes on GGUF grids" in result.output
+    result = cli("quantize", llama256, tmp_path / "q", "--format", "gguf:f16")
+    assert result.exit_code == 2 and "float type" in result.output

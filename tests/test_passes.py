@@ -22,10 +22,19 @@ from weightsmith.runtime import Runtime
 from .conftest import SAMPLE_TEXT
 
 
+def command_path(name: str) -> list[str]:
+    """The words that name a pass's command (``export gguf`` for a pass in a group)."""
+    group = REGISTRY[name].group
+    return [group, name] if group else [name]
+
+
 def click_command(name: str):
     from weightsmith.cli import app
 
-    return typer.main.get_command(app).commands[name]
+    command = typer.main.get_command(app)
+    for word in command_path(name):
+        command = command.commands[word]
+    return command
 
 
 def option_names(name: str) -> set[str]:
@@ -61,7 +70,7 @@ def test_every_settings_field_is_a_cli_option_with_the_same_default(name):
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_flags_show_no_value_placeholder(name, cli):
-    result = cli(name, "--help")
+    result = cli(*command_path(name), "--help")
     assert result.exit_code == 0
     for marker in ("<bool>", "<int>", "<float>", "<str>]"):
         assert marker not in result.stdout.replace("<str> ", ""), (name, marker)
@@ -196,7 +205,7 @@ def test_any_option_value_succeeds_or_fails_in_one_line(name, tiny_llama, tmp_pa
     flags = [o for o in options if o.is_flag]
     runner = CliRunner()
     tmp = tmp_path_factory.mktemp(f"fuzz-{name}")
-    base = [name, *base_arguments(name, tiny_llama, tmp)]
+    base = [*command_path(name), *base_arguments(name, tiny_llama, tmp)]
     counter = iter(range(10**6))
 
     @settings(max_examples=12 if spec.inputs is Inputs.ONE else 8, deadline=None, suppress_health_check=list(HealthCheck))

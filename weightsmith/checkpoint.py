@@ -310,6 +310,8 @@ class _ShardFile:
         self.fh = open(path, "wb")
         self.entries: list[tuple[str, str, tuple[int, ...], int, int]] = []
         self.size = 0
+        #: the header's ``__metadata__`` (string values)
+        self.metadata: dict[str, str] = {"format": "pt"}
         self.fh.seek(8 + reserve)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -340,7 +342,7 @@ class _ShardFile:
         self.size += info.nbytes
 
     def close(self) -> None:
-        header = encode_header(self.entries, {"format": "pt"}, reserve=self.reserve)
+        header = encode_header(self.entries, self.metadata, reserve=self.reserve)
         if len(header) == 8 + self.reserve:
             self.fh.seek(0)
             self.fh.write(header)
@@ -387,6 +389,7 @@ class CheckpointWriter:
         self.tmp: Path | None = None
         self._shards: list[_ShardFile] = []
         self._names: set[str] = set()
+        self._extra: dict[str, _ShardFile] = {}
 
     def __enter__(self) -> CheckpointWriter:
         if self.dest.exists() and not self.force:
@@ -429,6 +432,19 @@ class CheckpointWriter:
             raise ValueError(f"tensor {as_name!r} written twice")
         self._shard_for(as_name, info.nbytes).add_raw(as_name, info)
 
+    def add_extra(self, fname: str, name: str, data: np.ndarray, note: str | None = None) -> None:
+        """Append a uint8 array as tensor ``name`` of the extra safetensors file ``fname`` in the output
+        folder: a file the checkpoint's index does not list, so transformers and the passes read the
+        model without it (GGUF blocks for the export beside the dense weights). ``note`` is stored
+        under ``name`` in the file's header metadata."""
+        assert self.tmp is not None, "use CheckpointWriter as a context manager"
+        if fname not in self._extra:
+            self._extra[fname] = _ShardFile(self.tmp / f"{fname}.tmp", self.header_reserve)
+        data = np.ascontiguousarray(data, dtype=np.uint8)
+        self._extra[fname].add_array(name, "U8", tuple(data.shape), data)
+        if note is not None:
+            self._extra[fname].metadata[name] = note
+
     def _shard_for(self, name: str, nbytes: int) -> _ShardFile:
         assert self.tmp is not None, "use CheckpointWriter as a context manager"
         self._names.add(name)
@@ -452,7 +468,7 @@ class CheckpointWriter:
         self._publish()
 
     def _discard(self) -> None:
-        for shard in self._shards:
+        for shard in [*self._shards, *self._extra.values()]:
             if not shard.fh.closed:
                 shard.fh.close()
         if self.tmp is not None and self.tmp.exists():
@@ -474,6 +490,9 @@ class CheckpointWriter:
             total = sum(shard.size for shard in self._shards)
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             _write_json(self.tmp / INDEX_NAME, index)
+        for fname, extra in self._extra.items():
+            extra.close()
+            os.replace(extra.path, self.tmp / fname)
         if self.source is not None:
             for fname in SIDECAR_FILES:
                 src = self.source / fname

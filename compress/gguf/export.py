@@ -6,8 +6,11 @@ first and then each tensor is read, converted and appended; peak memory stays ne
 
 Quantized inputs keep their values: a ``pack-quantized`` linear whose grid a GGUF type holds exactly
 is written with its own integer codes and scales (:func:`kept_type`), not rounded again; its q/k rows
-move with their scales under llama.cpp's rotary permutation. A packed linear that the chosen type
-cannot hold is dequantized and quantized again, with a warning that says so.
+move with their scales under llama.cpp's rotary permutation. A linear quantized on a GGUF type's grid
+(``weightsmith quantize --format gguf:TYPE``) brings its blocks in the checkpoint's extra file
+(:data:`compress.quantize.GGUF_BLOCKS`); they are written as they are (rows permuted for q/k: a row's
+blocks stay whole) when the file's type for that tensor is theirs. A quantized linear that the chosen
+type cannot hold is dequantized and quantized again, with a warning that says so.
 """
 
 from __future__ import annotations
@@ -57,8 +60,10 @@ class PlannedTensor:
     shape: tuple[int, ...]
     gtype: str
     packed: PackedLayer | None = None
-    #: the packed codes are written as they are (no new rounding)
+    #: the packed codes (or the GGUF blocks) are written as they are (no new rounding)
     keep_codes: bool = False
+    #: the GGUF type of this tensor's blocks in the checkpoint's extra file, if it has some
+    blocks: str | None = None
     #: generated values (Llama 3's rotary factors) instead of a checkpoint tensor
     values: list[float] | None = None
 
@@ -110,6 +115,7 @@ def plan(src: Checkpoint, settings: GGUFExportConfig) -> tuple[str, list[Planned
         overrides=mixes.parse_tensor_types(settings.tensor_type),
     )
     names = [n for n in src.names() if not _packed_part(n, packed)] + list(packed)
+    blocks = gguf_blocks(src)
     out: list[PlannedTensor] = []
     for name in sorted(set(names), key=_natural):
         if tied and name == "lm_head.weight":
@@ -130,13 +136,43 @@ def plan(src: Checkpoint, settings: GGUFExportConfig) -> tuple[str, list[Planned
                 gtype, keep = exact, True
             else:
                 keep = exact == gtype
-        out.append(PlannedTensor(name, r, shape, gtype, layer, keep))
+        stored = blocks.get(name)
+        if stored is not None:
+            manual = any(p.search(r.gguf_name) for p, _ in chooser.overrides)
+            if settings.type == "auto" and not manual:
+                gtype = stored
+            keep = gtype == stored
+        out.append(PlannedTensor(name, r, shape, gtype, layer, keep, stored))
     rope = rope_settings(config, src.folder / "config.json")
     if rope.kind == "llama3":
         head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads["attn_q"])
         factors = llama3_rope_factors(head_dim, rope)
         out.insert(0, PlannedTensor("", TensorRoute("rope_freqs.weight", "rope_freqs", None), (len(factors),), "f32", values=factors))
     return gguf_arch, out
+
+
+def gguf_blocks(src: Checkpoint) -> dict[str, str]:
+    """Tensor name -> GGUF type of the blocks in the checkpoint's extra file (empty when it has none)."""
+    from compress.quantize import GGUF_BLOCKS
+    from weightsmith.stformat import read_header
+
+    path = src.folder / GGUF_BLOCKS
+    if not path.is_file():
+        return {}
+    try:
+        header = read_header(path)
+    except (OSError, ValueError) as exc:
+        raise WeightsmithError(path, f"unreadable GGUF blocks file ({exc})") from None
+    from compress.gguf.mixes import BLOCK
+
+    meta = header.metadata or {}
+    found = {}
+    for name in header.tensors:
+        gtype = meta.get(name)
+        if gtype not in BLOCK or name not in src:
+            raise WeightsmithError(path, f"blocks {name!r} name no known GGUF type or no tensor of the checkpoint")
+        found[name] = gtype
+    return found
 
 
 def _packed_part(name: str, packed: dict[str, PackedLayer]) -> bool:
@@ -170,14 +206,43 @@ def _values(src: Checkpoint, t: PlannedTensor) -> torch.Tensor:
 
 def _kept(src: Checkpoint, t: PlannedTensor) -> np.ndarray | None:
     """The bytes of a packed linear written with its own codes, or None when a scale is not a float16
-    value (the tensor is then quantized again)."""
+    value (the tensor is then quantized again); the stored GGUF blocks of a linear quantized on a GGUF
+    grid, or None when they no longer match the checkpoint's weight."""
     from compress.gguf.quants import from_grid, pack
 
+    if t.blocks is not None:
+        return _stored_blocks(src, t)
     q = read_quantized(src, t.packed)
     if t.route.permute_heads:
         q = _permuted(q, permute_rows(q.shape[0], t.route.permute_heads))
     gq = from_grid(q, t.gtype)
     return None if gq is None else pack(gq)
+
+
+def _stored_blocks(src: Checkpoint, t: PlannedTensor) -> np.ndarray | None:
+    """The blocks of ``t`` from the extra file, rows in llama.cpp's order, after checking that they
+    dequantize to the checkpoint's weight (in its dtype): a weight changed since is not trusted."""
+    import torch
+    from safetensors import safe_open
+
+    from compress.gguf import quants
+    from compress.quantize import GGUF_BLOCKS
+
+    with safe_open(str(src.folder / GGUF_BLOCKS), framework="pt") as fh:
+        data = fh.get_tensor(t.source)
+    rows, cols = src.info(t.source).shape
+    try:
+        q = quants.unpack(data.numpy(), t.blocks, (rows, cols))
+    except ValueError as exc:
+        raise WeightsmithError(src.folder / GGUF_BLOCKS, f"blocks {t.source!r}: {exc}") from None
+    dense = src.get(t.source)
+    if not torch.equal(quants.dequantize(q).to(dense.dtype), dense):
+        log.warning("%s: the stored GGUF blocks no longer match the weight; it is quantized again", t.source)
+        return None
+    data = data.numpy()
+    if t.route.permute_heads:
+        data = data[permute_rows(rows, t.route.permute_heads)]
+    return data
 
 
 def _permuted(q: QuantizedTensor, order: list[int]) -> QuantizedTensor:
@@ -232,7 +297,7 @@ def export_gguf(src: Checkpoint, dest: Path, settings: GGUFExportConfig, *, forc
                 t.keep_codes = False
                 requantized.append(t.source)
             if data is None:
-                if t.packed is not None and not t.keep_codes and t.source not in requantized:
+                if (t.packed is not None or t.blocks is not None) and not t.keep_codes and t.source not in requantized:
                     requantized.append(t.source)
                 data = _encode(_values(src, t), t.gtype)
             data = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
