@@ -29,7 +29,7 @@ import yaml
 from pydantic import BaseModel
 
 from weightsmith.errors import WeightsmithError
-from weightsmith.passes import REGISTRY, Inputs, Report, run_pass, settings_from
+from weightsmith.passes import REGISTRY, Inputs, Output, Report, run_pass, settings_from
 from weightsmith.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -114,9 +114,11 @@ def check_chain(steps: list[tuple[str, BaseModel]], has_model: bool) -> None:
     """Refuse a recipe that would silently drop work: a step that names its own inputs (merge),
     placed after a step or given an input model, must use that output as ``model: previous``; a
     step that takes one input needs something before it; ``previous`` with nothing before it is an
-    error too."""
+    error too; a step that writes a single file (GGUF export) can only be the last."""
     for i, (name, settings) in enumerate(steps, start=1):
         spec = REGISTRY[name]
+        if spec.output is Output.FILE and i < len(steps):
+            raise WeightsmithError(None, f"step {i} ({name}) writes a single file, which no later step can read; make it the last step")
         before = f"step {i - 1}'s output" if i > 1 else "the input model" if has_model else None
         uses = _with_previous(settings, Path("."))[1]
         if spec.inputs is Inputs.ONE and before is None:

@@ -80,7 +80,7 @@ class _BlockStep:
             p = quants.block_params(block[:, i : i + bs], self.t, imp, row_sq_mean=self.row_sq_mean)
             # the reference quantizer's own rounding constants are for plain RTN; GPTQ rounds each
             # column to the nearest point of the stored grid
-            p = BlockParams(p.gtype, p.d, p.m, p.dmin, p.sub_scales, p.sub_mins)
+            p = p.stored()
             self.params.append(p)
             self.scale, self.offset = quants.affine(p)
         j = k % bs
