@@ -311,3 +311,26 @@ def test_recipe_ends_in_a_gguf_file_and_refuses_one_in_the_middle(cli, tiny_llam
     recipe.write_text("steps:\n  - pass: gguf\n  - pass: copy\n")
     result = cli("run", recipe, tiny_llama, "-o", tmp_path / "x")
     assert result.exit_code == 2 and "step 1 (gguf) writes a single file" in result.output
+
+
+def test_gpt2_exports_for_transformers(cli, tmp_path):
+    """GPT-2: Conv1D weights transposed, learned positions, biased LayerNorms; the f32 file loads in
+    transformers to the source's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import make_tiny_family
+
+    # transformers' GGUF loader reads gpt2.context_length into n_ctx, not n_positions, and builds the
+    # position table at GPT-2's default 1024: a model of that length loads
+    folder = make_tiny_family(tmp_path / "gpt2", "gpt2", max_position_embeddings=1024)
+    out = tmp_path / "g.gguf"
+    _export(cli, folder, out, "--type", "f32")
+    reader = _reader(out)
+    assert _meta(reader, "general.architecture") == "gpt2" and _meta(reader, "gpt2.block_count") == 2
+    names = {t.name for t in reader.tensors}
+    assert {"position_embd.weight", "blk.0.attn_qkv.weight", "blk.0.attn_qkv.bias", "blk.1.ffn_down.bias", "output_norm.bias"} <= names
+    ids = torch.arange(3, 40).unsqueeze(0)
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, ref(ids).logits, rtol=0, atol=1e-5)

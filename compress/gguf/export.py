@@ -31,7 +31,7 @@ import numpy as np
 from compress.gguf import mixes
 from compress.gguf.config import GGUFExportConfig
 from compress.gguf.metadata import hparams, llama3_rope_factors, rope_settings
-from compress.gguf.names import EXPORT_ARCHS, TensorRoute, gguf_arch_of, permute_rows, route
+from compress.gguf.names import EXPORT_ARCHS, SKIPPED, TensorRoute, gguf_arch_of, permute_rows, route
 from compress.gguf.vocab import read_vocab
 from compress.packed_input import PackedLayer, packed_layers, read_quantized
 from weightsmith.errors import WeightsmithError
@@ -118,7 +118,7 @@ def plan(src: Checkpoint, settings: GGUFExportConfig) -> tuple[str, list[Planned
     blocks = gguf_blocks(src)
     out: list[PlannedTensor] = []
     for name in sorted(set(names), key=_natural):
-        if tied and name == "lm_head.weight":
+        if (tied and name == "lm_head.weight") or name.endswith(SKIPPED):
             continue
         r = route(name, gguf_arch, heads)
         if r is None:

@@ -145,7 +145,7 @@ class TypeChooser:
     overrides: list[tuple[re.Pattern[str], str]] = field(default_factory=list)
 
     def choose(self, gguf_name: str, leaf: str, block: int | None, shape: Sequence[int]) -> str:
-        if len(shape) < 2 or not gguf_name.endswith(".weight") or "position_embd" in gguf_name:
+        if len(shape) < 2 or not gguf_name.endswith(".weight"):
             return "f32" if len(shape) < 2 else ("f16" if self.mix.quantized else self.mix.base)
         gtype = self.mix.base
         width = int(shape[-1])

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from weightsmith.gguf_import import GGUF_ARCHS, GGUFArch
 
-__all__ = ["EXPORT_ARCHS", "TensorRoute", "gguf_arch_of", "permute_rows", "route"]
+__all__ = ["EXPORT_ARCHS", "SKIPPED", "TensorRoute", "gguf_arch_of", "permute_rows", "route"]
 
 #: config.json ``model_type`` -> the GGUF architecture llama.cpp runs it as. llama.cpp writes Mistral
 #: as ``llama``; Gemma 3's text model is ``gemma3``.
@@ -32,6 +32,15 @@ EXPORT_ARCHS: dict[str, str] = {
     "phi3": "phi3",
     "gpt2": "gpt2",
 }
+
+
+#: checkpoint tensors that are buffers the runtime recomputes (GPT-2's causal mask, rotary frequencies):
+#: llama.cpp's converter drops them too
+SKIPPED = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+
+#: GGUF architecture -> the prefix that checkpoints saved from the bare model lack (GPT-2 checkpoints on
+#: the Hub name their blocks ``h.0.`` where transformers writes ``transformer.h.0.``)
+_BARE_PREFIX = {"gpt2": "transformer."}
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,9 @@ def route(hf_name: str, gguf_arch: str, heads: Mapping[str, int]) -> TensorRoute
     tensor llama.cpp has no place for. ``heads`` gives the query and key/value head counts
     (``{"attn_q": 9, "attn_k": 3}``) for the rotary permutation."""
     arch = GGUF_ARCHS[gguf_arch]
+    bare = _BARE_PREFIX.get(gguf_arch)
+    if bare and not hf_name.startswith(bare) and hf_name != "lm_head.weight":
+        hf_name = bare + hf_name
     module, dot, suffix = hf_name.rpartition(".")
     if not dot or suffix not in ("weight", "bias"):
         return None
