@@ -334,3 +334,50 @@ def test_gpt2_exports_for_transformers(cli, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32).eval()
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, ref(ids).logits, rtol=0, atol=1e-5)
+
+
+LLAMA_FAMILY = {
+    "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=None)),
+    "qwen2": ("Qwen2Config", dict(num_key_value_heads=2)),  # biased q/k/v
+    # q/k norms; head width 128 != hidden / heads (transformers' GGUF loader ignores key_length and
+    # assumes Qwen3's default 128, which llama.cpp reads from the file)
+    "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=128)),
+}
+
+
+@pytest.mark.parametrize("family", sorted(LLAMA_FAMILY))
+def test_llama_family_exports_load_in_transformers(family, cli, tmp_path):
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import train_tokenizer
+    from weightsmith.checkpoint import CheckpointWriter
+
+    side = tmp_path / "side"
+    side.mkdir()
+    vocab = train_tokenizer(side)
+    class_name, extra = LLAMA_FAMILY[family]
+    config = getattr(transformers, class_name)(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                               max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, **extra)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.2 if p.dim() > 1 else 0.05).add_(1.0 if name.endswith("norm.weight") else 0.0)
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(side)
+    # transformers' GGUF loader takes a general.name holding "mistral" for an architecture of its own
+    folder = tmp_path / f"tiny-{len(family)}"
+    with CheckpointWriter(folder, source=side) as writer:
+        for name, tensor in model.state_dict().items():
+            writer.add(name, tensor.contiguous())
+    out = tmp_path / "m.gguf"
+    _export(cli, folder, out, "--type", "f32")
+    reader = _reader(out)
+    arch = {"mistral": "llama"}.get(family, family)
+    assert _meta(reader, "general.architecture") == arch
+    assert _meta(reader, f"{arch}.attention.key_length") == extra.get("head_dim", 16)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32).eval()
+    ids = torch.arange(3, 40).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
