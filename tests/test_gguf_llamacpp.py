@@ -1,0 +1,141 @@
+"""llama.cpp itself runs our GGUF files: for each exported family, the logits llama.cpp computes (through
+llama-cpp-python, built by bench/setup-llamacpp.sh into the peers' venv) match transformers' logits of
+the source checkpoint. Skipped where the peers' venv has no llama-cpp-python."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import make_tiny_family, make_tiny_llama
+
+PEERS_PYTHON = Path(__file__).resolve().parent.parent / ".venv-peers" / "bin" / "python"
+
+_RUN = """
+import json, sys
+import numpy as np
+from llama_cpp import Llama
+path, ids = sys.argv[1], json.loads(sys.argv[2])
+llm = Llama(model_path=path, n_ctx=len(ids), n_batch=len(ids), logits_all=True, verbose=False, n_threads=2)
+llm.eval(ids)
+np.save(sys.argv[3], np.asarray(llm.scores[: len(ids)], dtype=np.float32))
+"""
+
+
+def _has_llama_cpp() -> bool:
+    if not PEERS_PYTHON.exists():
+        return False
+    return subprocess.run([str(PEERS_PYTHON), "-c", "import llama_cpp"], capture_output=True).returncode == 0
+
+
+pytestmark = pytest.mark.skipif(not _has_llama_cpp(), reason="llama-cpp-python not in .venv-peers (run bench/setup-llamacpp.sh)")
+
+
+def llama_cpp_logits(path: Path, ids: list[int], tmp: Path) -> np.ndarray:
+    out = tmp / "logits.npy"
+    done = subprocess.run([str(PEERS_PYTHON), "-c", _RUN, str(path), json.dumps(ids), str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return np.load(out)
+
+
+def _llama(tmp: Path) -> Path:
+    return make_tiny_llama(tmp / "llama", hidden=64)
+
+
+def _gpt2(tmp: Path) -> Path:
+    return make_tiny_family(tmp / "gpt2", "gpt2")
+
+
+def _qwen3(tmp: Path) -> Path:
+    from tests.test_gguf_export import LLAMA_FAMILY  # noqa: F401  (same family settings as the transformers test)
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import train_tokenizer
+    from weightsmith.checkpoint import CheckpointWriter
+
+    side = tmp / "side-qwen3"
+    side.mkdir()
+    vocab = train_tokenizer(side)
+    config = transformers.Qwen3Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, head_dim=24, max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.2 if p.dim() > 1 else 0.05).add_(1.0 if name.endswith("norm.weight") else 0.0)
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(side)
+    folder = tmp / "qwen3"
+    with CheckpointWriter(folder, source=side) as writer:
+        for name, tensor in model.state_dict().items():
+            writer.add(name, tensor.contiguous())
+    return folder
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3"])
+def test_llama_cpp_runs_our_f32_files_to_the_source_logits(family, cli, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    folder = {"llama": _llama, "gpt2": _gpt2, "qwen3": _qwen3}[family](tmp_path)
+    out = tmp_path / f"{family}.gguf"
+    result = cli("export", "gguf", folder, out, "--type", "f32")
+    assert result.exit_code == 0, result.output
+    ids = [int(i) for i in torch.arange(3, 51).remainder(300)]
+    got = llama_cpp_logits(out, ids, tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    assert got.shape == want.shape
+    assert float(np.abs(got - want).max()) <= 2e-3 * float(np.abs(want).max()), family
+
+
+def test_llama_cpp_runs_gptq_blocks_as_we_measured_them(cli, tmp_path):
+    """GPTQ on the Q4_K grid (hidden 256): llama.cpp's logits are those of our dense checkpoint (whose
+    linears are the blocks' values) with the embedding and output head the file rounds (Q4_K, Q6_K)
+    put in; llama.cpp rounds activations to 8 bits in its quantized dot products, hence the bound."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import SAMPLE_TEXT
+
+    folder = _calm(make_tiny_llama(tmp_path / "llama256", hidden=256))
+    q_dir = tmp_path / "q"
+    result = cli("quantize", folder, q_dir, "--method", "gptq", "--format", "gguf:q4_k_m", "--calib", SAMPLE_TEXT, "--samples", "4", "--seq-len", "64")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "q.gguf"
+    assert cli("export", "gguf", q_dir, out, "--type", "q4_k_m").exit_code == 0
+    ids = [int(i) for i in torch.arange(3, 51).remainder(300)]
+    got = llama_cpp_logits(out, ids, tmp_path)
+    import gguf
+    from gguf.quants import dequantize
+
+    model = AutoModelForCausalLM.from_pretrained(q_dir, dtype=torch.float32).eval()
+    reader = gguf.GGUFReader(str(out))
+    heads = {name: next(t for t in reader.tensors if t.name == name) for name in ("token_embd.weight", "output.weight")}
+    state = model.state_dict()
+    for name, hf in (("token_embd.weight", "model.embed_tokens.weight"), ("output.weight", "lm_head.weight")):
+        t = heads[name]
+        state[hf] = torch.from_numpy(np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(state[hf].shape).copy())
+    model.load_state_dict(state)
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    rel = float(np.abs(got - want).max()) / float(np.abs(want).max())
+    assert rel < 0.05, rel
+    assert float((got.argmax(-1) == want.argmax(-1)).mean()) > 0.95
+
+
+def _calm(folder: Path) -> Path:
+    """The tiny model with its matrices scaled to a real model's spread (N(0, 0.05)): the test models'
+    N(0, 0.2) weights amplify every rounding fourfold per matmul, which would drown llama.cpp's 8-bit
+    activation rounding in chaos."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    tensors = {k: (v * 0.25 if v.dim() == 2 else v) for k, v in load_file(str(path)).items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return folder
