@@ -157,33 +157,6 @@ def _types(doc: Mapping) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-@pytest.fixture(autouse=True)
-def _float_arrays(monkeypatch):
-    """The scores are an array of float32 (kind ``f32[]``). Until compress/gguf/export.py's ``_add``
-    writes that kind itself, the tests teach it; where it already does, nothing is patched."""
-    import gguf
-
-    from compress.gguf import export
-
-    class Probe:
-        def add_key_value(self, *args, **kwargs) -> None:
-            return None
-
-    try:
-        export._add(Probe(), "probe", "f32[]", [0.0])
-        return
-    except ValueError:
-        pass
-    known = export._add
-
-    def add(writer, key: str, kind: str, value) -> None:
-        if kind != "f32[]":
-            return known(writer, key, kind, value)
-        writer.add_key_value(key, [float(v) for v in value], gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.FLOAT32)
-
-    monkeypatch.setattr(export, "_add", add)
-
-
 @pytest.fixture(scope="module")
 def spm_llama(tmp_path_factory) -> Path:
     return make_spm_llama(tmp_path_factory.mktemp("models") / "spm-llama")
