@@ -381,3 +381,29 @@ def test_llama_family_exports_load_in_transformers(family, cli, tmp_path):
     ids = torch.arange(3, 40).unsqueeze(0)
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_gemma2_exports_for_transformers(cli, tmp_path):
+    """Gemma 2: norms written as 1 + weight, soft-capping and the sliding window as keys."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import make_tiny_family
+
+    # head width 256 with query_pre_attn_scalar 256, as in Gemma 2 2B and 9B: transformers' GGUF loader
+    # keeps its default scalar (256) and llama.cpp scales by the head width
+    folder = make_tiny_family(tmp_path / "gemma2", "gemma2", head_dim=256, query_pre_attn_scalar=256)
+    out = tmp_path / "g.gguf"
+    _export(cli, folder, out, "--type", "f32")
+    reader = _reader(out)
+    assert _meta(reader, "general.architecture") == "gemma2"
+    assert _meta(reader, "gemma2.attn_logit_softcapping") == 50.0 and _meta(reader, "gemma2.final_logit_softcapping") == 30.0
+    assert _meta(reader, "gemma2.attention.sliding_window") == 8 and _meta(reader, "gemma2.attention.key_length") == 256
+    from weightsmith.checkpoint import Checkpoint
+
+    norm = Checkpoint(folder).get("model.layers.0.input_layernorm.weight").float().numpy()
+    assert np.array_equal(_dequantized(reader, "blk.0.attn_norm.weight"), norm + 1)
+    ids = torch.arange(3, 40).unsqueeze(0)
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, ref(ids).logits, rtol=0, atol=1e-4)

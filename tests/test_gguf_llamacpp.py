@@ -51,8 +51,11 @@ def _gpt2(tmp: Path) -> Path:
     return make_tiny_family(tmp / "gpt2", "gpt2")
 
 
+def _gemma2(tmp: Path) -> Path:
+    return make_tiny_family(tmp / "gemma2", "gemma2", head_dim=256, query_pre_attn_scalar=256)
+
+
 def _qwen3(tmp: Path) -> Path:
-    from tests.test_gguf_export import LLAMA_FAMILY  # noqa: F401  (same family settings as the transformers test)
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -78,11 +81,11 @@ def _qwen3(tmp: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3", "gemma2"])
 def test_llama_cpp_runs_our_f32_files_to_the_source_logits(family, cli, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    folder = {"llama": _llama, "gpt2": _gpt2, "qwen3": _qwen3}[family](tmp_path)
+    folder = {"llama": _llama, "gpt2": _gpt2, "qwen3": _qwen3, "gemma2": _gemma2}[family](tmp_path)
     out = tmp_path / f"{family}.gguf"
     result = cli("export", "gguf", folder, out, "--type", "f32")
     assert result.exit_code == 0, result.output

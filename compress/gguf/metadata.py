@@ -52,6 +52,15 @@ _LLAMA_HPARAMS: tuple[HParam, ...] = (
     HParam("vocab_size", ("vocab_size",), "u32"),
 )
 
+# Gemma 2: no rotary base key (llama.cpp's converter writes none; both default to 10000), soft-capping
+# of attention logits and final logits, the sliding window of its alternate local layers
+_GEMMA2_HPARAMS: tuple[HParam, ...] = (
+    *(p for p in _LLAMA_HPARAMS if p.key not in ("rope.dimension_count", "vocab_size")),
+    HParam("attn_logit_softcapping", ("attn_logit_softcapping",), "f32", required=False),
+    HParam("final_logit_softcapping", ("final_logit_softcapping",), "f32", required=False),
+    HParam("attention.sliding_window", ("sliding_window",), "u32", required=False),
+)
+
 _GPT2_HPARAMS: tuple[HParam, ...] = (
     HParam("context_length", ("n_positions", "n_ctx"), "u32"),
     HParam("embedding_length", ("n_embd",), "u32"),
@@ -67,6 +76,7 @@ FAMILY_HPARAMS: dict[str, tuple[tuple[HParam, ...], bool]] = {
     "llama": (_LLAMA_HPARAMS, True),
     "qwen2": (_LLAMA_HPARAMS, True),
     "qwen3": (_LLAMA_HPARAMS, True),
+    "gemma2": (_GEMMA2_HPARAMS, False),
     "gpt2": (_GPT2_HPARAMS, False),
 }
 

@@ -28,8 +28,6 @@ EXPORT_ARCHS: dict[str, str] = {
     "qwen2": "qwen2",
     "qwen3": "qwen3",
     "gemma2": "gemma2",
-    "gemma3_text": "gemma3",
-    "phi3": "phi3",
     "gpt2": "gpt2",
 }
 
