@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-slow bench bench-quantize bench-merge bench-prune peers clean
+.PHONY: venv demo test test-slow bench bench-quantize bench-merge bench-prune bench-gguf peers clean
 
 $(BIN)/weightsmith: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,12 @@ bench-merge: venv peers
 bench-prune: venv peers
 	$(BIN)/pip install --quiet -e '.[plot]'
 	$(BIN)/python bench/prune.py
+
+# llama.cpp's tools and Python bindings (from the llama-cpp-python sdist, built once into .peers/ and
+# .venv-peers; the script skips what exists), then our GGUF files against llama-quantize's.
+bench-gguf: venv
+	bash bench/setup-llamacpp.sh
+	$(BIN)/python bench/gguf_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
