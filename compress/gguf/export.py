@@ -183,7 +183,9 @@ def _packed_part(name: str, packed: dict[str, PackedLayer]) -> bool:
 
 
 def _natural(name: str) -> tuple:
-    """Layer-number order (``layers.2`` before ``layers.10``), as llama.cpp's converter writes blocks."""
+    """Layer-number order (``layers.2`` before ``layers.10``); readers look tensors up by name, so the
+    order is only for people reading a tensor listing (llama.cpp's converter keeps the safetensors key
+    order, blk.10 before blk.2)."""
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
 
 
