@@ -142,3 +142,24 @@ def _calm(folder: Path) -> Path:
     tensors = {k: (v * 0.25 if v.dim() == 2 else v) for k, v in load_file(str(path)).items()}
     save_file(tensors, str(path), metadata={"format": "pt"})
     return folder
+
+
+def test_llama_cpp_runs_a_head_and_mlp_pruned_model(cli, tmp_path):
+    """Structured pruning leaves uniform widths and an explicit head width (fewer heads of the same
+    width at the same hidden size): the export carries both, and llama.cpp runs it to transformers'
+    logits of the pruned checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    folder = make_tiny_llama(tmp_path / "llama", hidden=64)
+    pruned = tmp_path / "pruned"
+    result = cli("prune", folder, pruned, "--structured", "mlp=0.5,heads=0.5", "--importance", "magnitude", "--align", "16")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "pruned.gguf"
+    assert cli("export", "gguf", pruned, out, "--type", "f32").exit_code == 0
+    ids = [int(i) for i in torch.arange(3, 51).remainder(300)]
+    got = llama_cpp_logits(out, ids, tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(pruned, dtype=torch.float32).eval()
+    assert model.config.num_attention_heads == 2 and model.config.intermediate_size == 64
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    assert float(np.abs(got - want).max()) <= 2e-3 * float(np.abs(want).max())
