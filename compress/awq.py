@@ -112,17 +112,22 @@ def fold_scales_into_linear(
     return new_weight, new_bias
 
 
-def _scaled_fake_quant(w: Tensor, s: Tensor, grid: QuantGrid) -> Tensor:
-    """``Q(w * s) / s`` in ``w``'s dtype: the weight the block sees when its input is unscaled."""
+def _scaled_fake_quant(w: Tensor, s: Tensor, grid) -> Tensor:
+    """``Q(w * s) / s`` in ``w``'s dtype: the weight the block sees when its input is unscaled. ``grid``
+    is a :class:`QuantGrid` or a GGUF type's grid (:class:`compress.gguf.calibrated.GGUFGrid`, quantized
+    by llama.cpp's reference quantizer)."""
+    from compress.gguf.calibrated import GGUFGrid, fake_quantize as gguf_fake_quantize
+
     scaled = scale_input_channels(w, s)
-    return (fake_quantize(scaled, grid).to(torch.float32) / s).to(w.dtype)
+    q = gguf_fake_quantize(scaled, grid) if isinstance(grid, GGUFGrid) else fake_quantize(scaled, grid)
+    return (q.to(torch.float32) / s).to(w.dtype)
 
 
 def search_awq_scales(
     x: Tensor,
     weights: Sequence[Tensor],
     block_fn: BlockFn,
-    grid: QuantGrid,
+    grid: QuantGrid | Sequence,
     n_grid: int = 20,
     *,
     act_scale: Tensor | None = None,
@@ -136,10 +141,14 @@ def search_awq_scales(
     candidate. ``alpha = 0`` is plain round-to-nearest, so the result is never worse than RTN on
     ``x``. Returns float32 ``s`` ``[in]``: apply it with :func:`scale_input_channels` and fold
     ``1 / s`` into the producer with :func:`fold_scales_into_norm` or
-    :func:`fold_scales_into_linear`.
+    :func:`fold_scales_into_linear`. ``grid`` may be one grid per weight (linears of one input on
+    different GGUF types).
     """
     if not weights:
         raise ValueError("weights must hold at least one weight")
+    grids = list(grid) if isinstance(grid, (list, tuple)) else [grid] * len(weights)
+    if len(grids) != len(weights):
+        raise ValueError(f"{len(grids)} grids for {len(weights)} weights")
     if n_grid < 1:
         raise ValueError(f"n_grid must be at least 1, got {n_grid}")
     inp = x.shape[-1]
@@ -158,7 +167,7 @@ def search_awq_scales(
         for i in range(n_grid):
             alpha = i / n_grid
             s = awq_scales(a, alpha)
-            candidate = [_scaled_fake_quant(w, s, grid) for w in weights]
+            candidate = [_scaled_fake_quant(w, s, g) for w, g in zip(weights, grids)]
             out = block_fn(x, candidate).to(torch.float32)
             err = float((reference - out).pow(2).mean())
             if err < best_err:

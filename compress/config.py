@@ -186,17 +186,6 @@ class QuantizeConfig(BaseModel):
             raise ValueError(f"gguf:{name} is a float type; quantize to a block type (gguf:q4_0, gguf:q4_k_m, ...) or export it directly")
         return f"gguf:{name}"
 
-    @model_validator(mode="after")
-    def _gguf_methods(self) -> QuantizeConfig:
-        if self.gguf_mix is not None:
-            methods = {self.method} | {o.method for o in self.overrides if o.method and not o.skip}
-            if methods & set(SCALED):
-                raise ValueError(
-                    "AWQ does not choose codes on GGUF grids here; use --method gptq or rtn with --format gguf:TYPE, "
-                    "or AWQ with --bits 4 --group-size 32 --symmetric --format packed (exported to q4_0 with its own codes)"
-                )
-        return self
-
     @property
     def gguf_mix(self) -> str | None:
         """The llama.cpp type or mix whose grids the codes are chosen on (``format: gguf:TYPE``), or None."""

@@ -274,6 +274,8 @@ def _quantize_layer(
 ) -> dict[str, QuantizedTensor]:
     """Quantize every selected linear of one loaded layer; leaves the dequantized weights in the
     module so that the runner propagates the quantization error to the next layer."""
+    from compress.gguf.calibrated import GGUFGrid
+
     mine = {lin: linears[step.prefix + lin] for lin in arch.linears if step.prefix + lin in linears}
     clip_inputs = _apply_awq(step, arch, config, mine) if any(s.method in SCALED for s in mine.values()) else {}
     # after AWQ's folding, so that awq_gptq's Hessians are those of the scaled inputs
@@ -287,7 +289,12 @@ def _quantize_layer(
         module = get_module(step.module, lin)
         dtype = src.info(f"{step.prefix}{lin}.weight").dtype
         w = module.weight.data
-        if settings.method == "awq" and lin in clip_inputs:
+        if settings.method == "awq" and lin in clip_inputs and isinstance(settings.grid, GGUFGrid):
+            # llama.cpp's importance-weighted quantizer with the scaled inputs' mean squares (its
+            # imatrix), where AWQ's own clipping search has no GGUF counterpart
+            x = clip_inputs[lin].reshape(-1, w.shape[1]).to(torch.float32)
+            q = _rtn(w, settings.grid, False, dtype, importance=x.pow(2).mean(dim=0))
+        elif settings.method == "awq" and lin in clip_inputs:
             q = quantize(w.to(dtype), settings.grid, awq_clip_ratios(w.to(dtype), clip_inputs[lin], settings.grid))
         else:
             q = _rtn(w, settings.grid, config.clip or settings.method == "awq", dtype)
@@ -404,11 +411,12 @@ def _apply_awq(step: LayerStep, arch: Arch, config: QuantizeConfig, mine: dict[s
     scaled_inputs: dict[str, torch.Tensor] = {}
     for group in groups:
         x = torch.cat(inputs[group.linears[0]])
-        scaled_inputs.update(_awq_group(step, group, x, block_calls.get(group.block, []), mine[group.linears[0]].grid, config.awq_grid, arch.norm_offset))
+        grids = [mine[lin].grid for lin in group.linears]
+        scaled_inputs.update(_awq_group(step, group, x, block_calls.get(group.block, []), grids, config.awq_grid, arch.norm_offset))
     return scaled_inputs
 
 
-def _awq_group(step: LayerStep, group: ScaleGroup, x: torch.Tensor, calls: list[tuple[tuple, dict]], grid: QuantGrid, n_grid: int, norm_offset: float = 0.0) -> dict[str, torch.Tensor]:
+def _awq_group(step: LayerStep, group: ScaleGroup, x: torch.Tensor, calls: list[tuple[tuple, dict]], grid: list, n_grid: int, norm_offset: float = 0.0) -> dict[str, torch.Tensor]:
     prev = get_module(step.module, group.prev)
     mods = [get_module(step.module, lin) for lin in group.linears]
     part, parts = group.prev_rows

@@ -54,3 +54,19 @@ def test_rows_of_and_width_check():
     assert torch.equal(torch.cat([quants.dequantize(top), quants.dequantize(bottom)]), quants.dequantize(q))
     with pytest.raises(ValueError, match="multiple of 256"):
         gptq_gguf(torch.zeros(4, 96), torch.eye(96), GGUFGrid("q4_k"))
+
+
+@pytest.mark.parametrize("gtype", ["q4_k", "q4_0", "q3_k"])
+def test_awq_scales_on_a_gguf_grid_beat_plain_rounding(gtype):
+    """AWQ's search with llama.cpp's quantizer in the loop: on inputs with outlier channels the scaled
+    weights' output error is below plain rounding's (alpha = 0 is among the candidates, so never above)."""
+    from compress.awq import scale_input_channels, search_awq_scales
+    from compress.gguf.calibrated import fake_quantize
+
+    w, x = _layer(4, out=64, inp=256, n=512)
+    grid = GGUFGrid(gtype)
+    s = search_awq_scales(x, [w], lambda inp, ws: inp @ ws[0].t(), grid, n_grid=10)
+    awq = (fake_quantize(scale_input_channels(w, s), grid) / s).float()
+    rtn = fake_quantize(w, grid)
+    err = lambda wq: float((x @ (w - wq).t()).square().sum())  # noqa: E731
+    assert err(awq) < 0.9 * err(rtn), (err(awq), err(rtn))

@@ -244,7 +244,7 @@ def test_refusals(cli, tmp_path, tiny_llama):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq", "awq_gptq"])
 def test_quantize_on_gguf_grids_then_export_keeps_the_blocks(cli, llama256, tmp_path, method):
     """quantize --format gguf:q4_k_m chooses each linear's codes on the type llama-quantize gives it;
     export writes those blocks as they are, and they dequantize to the checkpoint's dense weights."""
@@ -256,8 +256,8 @@ def test_quantize_on_gguf_grids_then_export_keeps_the_blocks(cli, llama256, tmp_
 
     q_dir = tmp_path / "q"
     args = ["--method", method, "--format", "gguf:q4_k_m"]
-    if method == "gptq":
-        args += ["--calib", str(SAMPLE_TEXT), "--samples", "4", "--seq-len", "64"]
+    if method != "rtn":
+        args += ["--calib", str(SAMPLE_TEXT), "--samples", "4", "--seq-len", "64", "--awq-samples", "2", "--awq-grid", "4"]
     result = cli("quantize", llama256, q_dir, *args)
     assert result.exit_code == 0, result.output
     src = Checkpoint(q_dir)
@@ -293,9 +293,7 @@ def test_quantize_on_gguf_grids_then_export_keeps_the_blocks(cli, llama256, tmp_
     assert report.extra["kept_codes"] == 0 and report.extra["requantized"] == 14
 
 
-def test_awq_on_gguf_grids_is_refused(cli, llama256, tmp_path):
-    result = cli("quantize", llama256, tmp_path / "q", "--method", "awq", "--format", "gguf:q4_0")
-    assert result.exit_code == 2 and "AWQ does not choose codes on GGUF grids" in result.output
+def test_float_gguf_format_is_refused(cli, llama256, tmp_path):
     result = cli("quantize", llama256, tmp_path / "q", "--format", "gguf:f16")
     assert result.exit_code == 2 and "float type" in result.output
 
