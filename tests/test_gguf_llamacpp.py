@@ -55,6 +55,12 @@ def _gemma2(tmp: Path) -> Path:
     return make_tiny_family(tmp / "gemma2", "gemma2", head_dim=256, query_pre_attn_scalar=256)
 
 
+def _gemma3(tmp: Path) -> Path:
+    """One sliding-window layer (window 8, shorter than the sequence) and one global layer: llama.cpp
+    must take the pattern from the file, not its default of five sliding layers to one global."""
+    return make_tiny_family(tmp / "gemma3", "gemma3_text")
+
+
 def _qwen3(tmp: Path) -> Path:
     import transformers
     from transformers import AutoModelForCausalLM
@@ -81,11 +87,11 @@ def _qwen3(tmp: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3", "gemma2", "gemma3"])
 def test_llama_cpp_runs_our_f32_files_to_the_source_logits(family, cli, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    folder = {"llama": _llama, "gpt2": _gpt2, "qwen3": _qwen3, "gemma2": _gemma2}[family](tmp_path)
+    folder = {"llama": _llama, "gpt2": _gpt2, "qwen3": _qwen3, "gemma2": _gemma2, "gemma3": _gemma3}[family](tmp_path)
     out = tmp_path / f"{family}.gguf"
     result = cli("export", "gguf", folder, out, "--type", "f32")
     assert result.exit_code == 0, result.output

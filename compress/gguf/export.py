@@ -353,6 +353,8 @@ def _add(writer: Any, key: str, kind: str, value: Any) -> None:
         writer.add_array(key, list(value))
     elif kind == "i32[]":
         writer.add_key_value(key, list(value), gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.INT32)
+    elif kind == "bool[]":
+        writer.add_key_value(key, [bool(v) for v in value], gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.BOOL)
     elif kind == "f32[]":
         writer.add_key_value(key, [float(v) for v in value], gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.FLOAT32)
     else:

@@ -18,7 +18,7 @@ from weightsmith.errors import WeightsmithError
 
 __all__ = ["FAMILY_HPARAMS", "HParam", "RopeSettings", "hparams", "llama3_rope_factors", "rope_settings"]
 
-ValueType = Literal["u32", "f32", "bool", "str"]
+ValueType = Literal["u32", "f32", "bool", "str", "bool[]"]
 
 
 def _head_dim(config: Mapping[str, Any]) -> int:
@@ -71,12 +71,30 @@ _GPT2_HPARAMS: tuple[HParam, ...] = (
     HParam("vocab_size", ("vocab_size",), "u32"),
 )
 
+# Gemma 3: the rotary base of the global layers as the main key and that of the sliding-window
+# layers as ``rope.freq_base_swa``; which layers slide, one bool per layer (llama.cpp otherwise
+# assumes its default of five sliding layers to one global)
+_GEMMA3_HPARAMS: tuple[HParam, ...] = (
+    *(p for p in _LLAMA_HPARAMS if p.key not in ("rope.dimension_count", "vocab_size")),
+    HParam("final_logit_softcapping", ("final_logit_softcapping",), "f32", required=False),
+    HParam("attention.sliding_window", ("sliding_window",), "u32", required=False),
+    HParam(
+        "attention.sliding_window_pattern", (), "bool[]", required=False,
+        fallback=lambda c: [t == "sliding_attention" for t in c["layer_types"]] if c.get("layer_types") else None,
+    ),
+    HParam(
+        "rope.freq_base_swa", (), "f32", required=False,
+        fallback=lambda c: (c.get("rope_parameters") or {}).get("sliding_attention", {}).get("rope_theta") or c.get("rope_local_base_freq"),
+    ),
+)
+
 #: GGUF architecture -> its hyper-parameter keys, and whether it has rotary embeddings.
 FAMILY_HPARAMS: dict[str, tuple[tuple[HParam, ...], bool]] = {
     "llama": (_LLAMA_HPARAMS, True),
     "qwen2": (_LLAMA_HPARAMS, True),
     "qwen3": (_LLAMA_HPARAMS, True),
     "gemma2": (_GEMMA2_HPARAMS, False),
+    "gemma3": (_GEMMA3_HPARAMS, True),
     "gpt2": (_GPT2_HPARAMS, False),
 }
 
@@ -96,6 +114,8 @@ def rope_settings(config: Mapping[str, Any], where: object = None) -> RopeSettin
     """The rotary base and scaling of ``config`` (transformers 5 ``rope_parameters`` or the older
     ``rope_theta`` + ``rope_scaling``)."""
     params = config.get("rope_parameters") or {}
+    if isinstance(params, dict) and isinstance(params.get("full_attention"), dict):
+        params = params["full_attention"]  # per layer type (Gemma 3): the global layers' settings
     scaling = config.get("rope_scaling") or {}
     merged = {**scaling, **params} if isinstance(params, dict) and isinstance(scaling, dict) else {}
     theta = merged.get("rope_theta", config.get("rope_theta", 10000.0))

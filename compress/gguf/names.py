@@ -28,6 +28,7 @@ EXPORT_ARCHS: dict[str, str] = {
     "qwen2": "qwen2",
     "qwen3": "qwen3",
     "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
     "gpt2": "gpt2",
 }
 
