@@ -148,6 +148,9 @@ def plan(src: Checkpoint, settings: GGUFExportConfig) -> tuple[str, list[Planned
         head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads["attn_q"])
         factors = llama3_rope_factors(head_dim, rope)
         out.insert(0, PlannedTensor("", TensorRoute("rope_freqs.weight", "rope_freqs", None), (len(factors),), "f32", values=factors))
+    if rope.kind == "longrope":
+        for leaf, factors in (("rope_factors_long", rope.long), ("rope_factors_short", rope.short)):
+            out.insert(0, PlannedTensor("", TensorRoute(f"{leaf}.weight", leaf, None), (len(factors),), "f32", values=list(factors)))
     return gguf_arch, out
 
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from weightsmith.errors import WeightsmithError
 
-__all__ = ["FAMILY_HPARAMS", "HParam", "RopeSettings", "hparams", "llama3_rope_factors", "rope_settings"]
+__all__ = ["FAMILY_HPARAMS", "HParam", "RopeSettings", "hparams", "llama3_rope_factors", "longrope_attn_factor", "rope_settings"]
 
 ValueType = Literal["u32", "f32", "bool", "str", "bool[]"]
 
@@ -61,6 +61,21 @@ _GEMMA2_HPARAMS: tuple[HParam, ...] = (
     HParam("attention.sliding_window", ("sliding_window",), "u32", required=False),
 )
 
+# Phi-3: fused q/k/v and gate/up, partial rotary width, the original context of its long-context
+# rotary scaling, a sliding window (0 for none, as llama.cpp's converter writes for Phi-4)
+_PHI3_HPARAMS: tuple[HParam, ...] = (
+    HParam("context_length", ("max_position_embeddings",), "u32"),
+    HParam("rope.scaling.original_context_length", ("original_max_position_embeddings", "max_position_embeddings"), "u32"),
+    HParam("embedding_length", ("hidden_size",), "u32"),
+    HParam("feed_forward_length", ("intermediate_size",), "u32"),
+    HParam("block_count", ("num_hidden_layers",), "u32"),
+    HParam("attention.head_count", ("num_attention_heads",), "u32"),
+    HParam("attention.head_count_kv", ("num_key_value_heads",), "u32", fallback=lambda c: c["num_attention_heads"]),
+    HParam("attention.layer_norm_rms_epsilon", ("rms_norm_eps",), "f32"),
+    HParam("rope.dimension_count", (), "u32", fallback=lambda c: int(float(c.get("partial_rotary_factor", 1.0)) * int(c["hidden_size"])) // int(c["num_attention_heads"])),
+    HParam("attention.sliding_window", ("sliding_window",), "u32", fallback=lambda c: 0),
+)
+
 _GPT2_HPARAMS: tuple[HParam, ...] = (
     HParam("context_length", ("n_positions", "n_ctx"), "u32"),
     HParam("embedding_length", ("n_embd",), "u32"),
@@ -95,19 +110,23 @@ FAMILY_HPARAMS: dict[str, tuple[tuple[HParam, ...], bool]] = {
     "qwen3": (_LLAMA_HPARAMS, True),
     "gemma2": (_GEMMA2_HPARAMS, False),
     "gemma3": (_GEMMA3_HPARAMS, True),
+    "phi3": (_PHI3_HPARAMS, True),
     "gpt2": (_GPT2_HPARAMS, False),
 }
 
 
 @dataclass(frozen=True)
 class RopeSettings:
-    """Rotary settings of a config: base frequency and scaling (``kind`` none, linear, yarn or llama3)."""
+    """Rotary settings of a config: base frequency and scaling (``kind`` none, linear, yarn, llama3 or
+    longrope; longrope's per-frequency factors in ``long`` and ``short``)."""
 
     theta: float
     kind: str = "none"
     factor: float = 1.0
     original_context: int | None = None
     extra: Mapping[str, float] = field(default_factory=dict)
+    long: tuple[float, ...] = ()
+    short: tuple[float, ...] = ()
 
 
 def rope_settings(config: Mapping[str, Any], where: object = None) -> RopeSettings:
@@ -122,9 +141,16 @@ def rope_settings(config: Mapping[str, Any], where: object = None) -> RopeSettin
     kind = merged.get("rope_type", merged.get("type", "default")) or "default"
     if kind == "default":
         return RopeSettings(float(theta))
-    if kind not in ("linear", "yarn", "llama3"):
-        raise WeightsmithError(where, f"rotary scaling {kind!r} has no GGUF equivalent here (supported: linear, yarn, llama3)")
-    original = merged.get("original_max_position_embeddings")
+    if kind == "su":
+        kind = "longrope"
+    if kind not in ("linear", "yarn", "llama3", "longrope"):
+        raise WeightsmithError(where, f"rotary scaling {kind!r} has no GGUF equivalent here (supported: linear, yarn, llama3, longrope)")
+    original = merged.get("original_max_position_embeddings") or config.get("original_max_position_embeddings")
+    if kind == "longrope":
+        long, short = merged.get("long_factor") or [], merged.get("short_factor") or []
+        if not long or len(long) != len(short):
+            raise WeightsmithError(where, "longrope scaling needs long_factor and short_factor lists of one length")
+        return RopeSettings(float(theta), kind, 1.0, int(original) if original else None, long=tuple(map(float, long)), short=tuple(map(float, short)))
     extra = {k: float(merged[k]) for k in ("low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow") if k in merged}
     return RopeSettings(float(theta), kind, float(merged.get("factor", 1.0)), int(original) if original else None, extra)
 
@@ -174,4 +200,14 @@ def hparams(gguf_arch: str, config: Mapping[str, Any], where: object = None) -> 
             out.append((f"{gguf_arch}.rope.scaling.factor", "f32", rope.factor))
             if rope.original_context:
                 out.append((f"{gguf_arch}.rope.scaling.original_context_length", "u32", rope.original_context))
+        if rope.kind == "longrope":
+            out.append((f"{gguf_arch}.rope.scaling.attn_factor", "f32", longrope_attn_factor(config, rope)))
     return out
+
+
+def longrope_attn_factor(config: Mapping[str, Any], rope: RopeSettings) -> float:
+    """Phi-3's attention factor for its long-context rotary scaling: ``sqrt(1 + ln(s) / ln(original))``
+    for the context scale ``s`` (https://arxiv.org/abs/2402.13753), 1 without extension."""
+    original = rope.original_context or int(config["max_position_embeddings"])
+    scale = int(config["max_position_embeddings"]) / original
+    return math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1.0 else 1.0

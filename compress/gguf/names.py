@@ -29,6 +29,7 @@ EXPORT_ARCHS: dict[str, str] = {
     "qwen3": "qwen3",
     "gemma2": "gemma2",
     "gemma3_text": "gemma3",
+    "phi3": "phi3",
     "gpt2": "gpt2",
 }
 
