@@ -78,37 +78,46 @@ def _phi3_long(tmp: Path) -> Path:
     )
 
 
-def _qwen3(tmp: Path) -> Path:
+def _hf_tiny(tmp: Path, name: str, class_name: str, **kwargs) -> Path:
+    """A tiny random checkpoint of a transformers config class, with the test tokenizer."""
     import transformers
     from transformers import AutoModelForCausalLM
 
     from tests.conftest import train_tokenizer
     from weightsmith.checkpoint import CheckpointWriter
 
-    side = tmp / "side-qwen3"
+    side = tmp / f"side-{name}"
     side.mkdir()
     vocab = train_tokenizer(side)
-    config = transformers.Qwen3Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, head_dim=24, max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
+    config = getattr(transformers, class_name)(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                               max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, **kwargs)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0, 0.2 if p.dim() > 1 else 0.05).add_(1.0 if name.endswith("norm.weight") else 0.0)
+        for pname, p in model.named_parameters():
+            p.normal_(0, 0.2 if p.dim() > 1 else 0.05).add_(1.0 if pname.endswith(("norm.weight", "layernorm.weight")) else 0.0)
     config.architectures = [type(model).__name__]
     config.save_pretrained(side)
-    folder = tmp / "qwen3"
+    folder = tmp / name
     with CheckpointWriter(folder, source=side) as writer:
-        for name, tensor in model.state_dict().items():
-            writer.add(name, tensor.contiguous())
+        for tname, tensor in model.state_dict().items():
+            writer.add(tname, tensor.contiguous())
     return folder
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3", "gemma2", "gemma3", "phi3", "phi3_long"])
+def _qwen3(tmp: Path) -> Path:
+    return _hf_tiny(tmp, "qwen3", "Qwen3Config", num_key_value_heads=2, head_dim=24)
+
+
+def _gptneox(tmp: Path) -> Path:
+    return _hf_tiny(tmp, "neox", "GPTNeoXConfig", rotary_pct=0.5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3", "gemma2", "gemma3", "phi3", "phi3_long", "gptneox"])
 def test_llama_cpp_runs_our_f32_files_to_the_source_logits(family, cli, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    folder = {"llama": _llama, "gpt2": _gpt2, "qwen3": _qwen3, "gemma2": _gemma2, "gemma3": _gemma3, "phi3": _phi3, "phi3_long": _phi3_long}[family](tmp_path)
+    folder = {"llama": _llama, "gpt2": _gpt2, "qwen3": _qwen3, "gemma2": _gemma2, "gemma3": _gemma3, "phi3": _phi3, "phi3_long": _phi3_long, "gptneox": _gptneox}[family](tmp_path)
     out = tmp_path / f"{family}.gguf"
     result = cli("export", "gguf", folder, out, "--type", "f32")
     assert result.exit_code == 0, result.output

@@ -31,7 +31,7 @@ import numpy as np
 from compress.gguf import mixes
 from compress.gguf.config import GGUFExportConfig
 from compress.gguf.metadata import hparams, llama3_rope_factors, rope_settings
-from compress.gguf.names import EXPORT_ARCHS, SKIPPED, TensorRoute, gguf_arch_of, permute_rows, route
+from compress.gguf.names import EXPORT_ARCHS, SKIPPED, TensorRoute, gguf_arch_of, route, row_order
 from compress.gguf.vocab import read_vocab
 from compress.packed_input import PackedLayer, packed_layers, read_quantized
 from weightsmith.errors import WeightsmithError
@@ -202,8 +202,9 @@ def _values(src: Checkpoint, t: PlannedTensor) -> torch.Tensor:
     w = w.to(torch.float32)
     if t.route.transpose:
         w = w.t().contiguous()
-    if t.route.permute_heads:
-        w = w[permute_rows(w.shape[0], t.route.permute_heads)]
+    order = row_order(t.route, w.shape[0])
+    if order is not None:
+        w = w[order]
     if t.route.norm_offset:
         w = w + t.route.norm_offset
     return w
@@ -218,8 +219,9 @@ def _kept(src: Checkpoint, t: PlannedTensor) -> np.ndarray | None:
     if t.blocks is not None:
         return _stored_blocks(src, t)
     q = read_quantized(src, t.packed)
-    if t.route.permute_heads:
-        q = _permuted(q, permute_rows(q.shape[0], t.route.permute_heads))
+    order = row_order(t.route, q.shape[0])
+    if order is not None:
+        q = _permuted(q, order)
     gq = from_grid(q, t.gtype)
     return None if gq is None else pack(gq)
 
@@ -245,8 +247,9 @@ def _stored_blocks(src: Checkpoint, t: PlannedTensor) -> np.ndarray | None:
         log.warning("%s: the stored GGUF blocks no longer match the weight; it is quantized again", t.source)
         return None
     data = data.numpy()
-    if t.route.permute_heads:
-        data = data[permute_rows(rows, t.route.permute_heads)]
+    order = row_order(t.route, rows)
+    if order is not None:
+        data = data[order]
     return data
 
 

@@ -76,6 +76,22 @@ _PHI3_HPARAMS: tuple[HParam, ...] = (
     HParam("attention.sliding_window", ("sliding_window",), "u32", fallback=lambda c: 0),
 )
 
+def _neox_rotary(c: Mapping[str, Any]) -> int:
+    share = c.get("rotary_pct") or (c.get("rope_parameters") or {}).get("partial_rotary_factor") or c.get("partial_rotary_factor") or 1.0
+    return int(float(share) * (int(c["hidden_size"]) // int(c["num_attention_heads"])))
+
+
+_GPTNEOX_HPARAMS: tuple[HParam, ...] = (
+    HParam("context_length", ("max_position_embeddings",), "u32"),
+    HParam("embedding_length", ("hidden_size",), "u32"),
+    HParam("block_count", ("num_hidden_layers",), "u32"),
+    HParam("feed_forward_length", ("intermediate_size",), "u32"),
+    HParam("rope.dimension_count", (), "u32", fallback=_neox_rotary),
+    HParam("attention.head_count", ("num_attention_heads",), "u32"),
+    HParam("use_parallel_residual", ("use_parallel_residual",), "bool", fallback=lambda c: True),
+    HParam("attention.layer_norm_epsilon", ("layer_norm_eps",), "f32"),
+)
+
 _GPT2_HPARAMS: tuple[HParam, ...] = (
     HParam("context_length", ("n_positions", "n_ctx"), "u32"),
     HParam("embedding_length", ("n_embd",), "u32"),
@@ -111,6 +127,7 @@ FAMILY_HPARAMS: dict[str, tuple[tuple[HParam, ...], bool]] = {
     "gemma2": (_GEMMA2_HPARAMS, False),
     "gemma3": (_GEMMA3_HPARAMS, True),
     "phi3": (_PHI3_HPARAMS, True),
+    "gptneox": (_GPTNEOX_HPARAMS, True),
     "gpt2": (_GPT2_HPARAMS, False),
 }
 
