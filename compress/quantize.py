@@ -86,13 +86,14 @@ def select_linears(ckpt: Checkpoint, config: QuantizeConfig) -> dict[str, Linear
     if not chosen:
         raise WeightsmithError(ckpt.folder, "no weight matches the targets; nothing to quantize")
     if config.gguf_mix is not None:
-        chosen = _gguf_grids(ckpt, config.gguf_mix, chosen)
+        chosen = _gguf_grids(ckpt, config.gguf_mix, chosen, calibrated=config.calibrated)
     return chosen
 
 
-def _gguf_grids(ckpt: Checkpoint, mix: str, chosen: dict[str, LinearSettings]) -> dict[str, LinearSettings]:
-    """Each linear on the grid of the block type llama-quantize's ``mix`` gives it (a linear whose width
-    fits no block type stays unquantized, as llama.cpp keeps it in float16)."""
+def _gguf_grids(ckpt: Checkpoint, mix: str, chosen: dict[str, LinearSettings], calibrated: bool = False) -> dict[str, LinearSettings]:
+    """Each linear on the grid of the block type llama-quantize's ``mix`` gives it (with its importance
+    matrix rules when ``calibrated``; a linear whose width fits no block type stays unquantized, as
+    llama.cpp keeps it in float16)."""
     from compress.gguf.calibrated import GGUFGrid
     from compress.gguf.mixes import MIXES, FLOAT_TYPES, TypeChooser
     from compress.gguf.names import gguf_arch_of, route
@@ -103,7 +104,9 @@ def _gguf_grids(ckpt: Checkpoint, mix: str, chosen: dict[str, LinearSettings]) -
         raise WeightsmithError(ckpt.folder / "config.json", f"format gguf: llama.cpp export does not support model_type {config.get('model_type')!r}")
     heads = int(config.get("num_attention_heads") or 1)
     kv = int(config.get("num_key_value_heads") or heads)
-    chooser = TypeChooser(MIXES[mix], int(config.get("num_hidden_layers") or 0), bool(config.get("tie_word_embeddings")), gqa=max(1, heads // kv))
+    chooser = TypeChooser(
+        MIXES[mix], int(config.get("num_hidden_layers") or 0), bool(config.get("tie_word_embeddings")), gqa=max(1, heads // kv), calibrated=calibrated
+    )
     out: dict[str, LinearSettings] = {}
     for module, settings in chosen.items():
         r = route(f"{module}.weight", found[0], {})

@@ -405,3 +405,32 @@ def test_gemma2_exports_for_transformers(cli, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32).eval()
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, ref(ids).logits, rtol=0, atol=1e-4)
+
+
+def test_calibrated_q4_0_gives_the_first_ffn_down_layers_q4_1(cli, tmp_path):
+    """llama-quantize's Q4_0 with an importance matrix writes ffn_down of the first eighth of the layers
+    as Q4_1; GPTQ on gguf:q4_0 does the same, and the export keeps those blocks at --type q4_0."""
+    from compress.quantize import GGUF_BLOCKS
+    from safetensors import safe_open
+
+    from tests.conftest import SAMPLE_TEXT
+
+    folder = make_tiny_llama(tmp_path / "llama16", hidden=64, layers=16)
+    q_dir = tmp_path / "q"
+    result = cli("quantize", folder, q_dir, "--method", "gptq", "--format", "gguf:q4_0", "--calib", SAMPLE_TEXT, "--samples", "2", "--seq-len", "32")
+    assert result.exit_code == 0, result.output
+    with safe_open(str(q_dir / GGUF_BLOCKS), framework="pt") as fh:
+        types = fh.metadata()
+    assert [types[f"model.layers.{i}.mlp.down_proj.weight"] for i in range(4)] == ["q4_1", "q4_1", "q4_0", "q4_0"]
+    assert types["model.layers.0.mlp.up_proj.weight"] == "q4_0"
+    out = tmp_path / "q.gguf"
+    _export(cli, q_dir, out, "--type", "q4_0")
+    from compress.gguf.config import GGUFExportConfig
+    from compress.gguf.export import export_gguf
+    from weightsmith.checkpoint import Checkpoint
+
+    report = export_gguf(Checkpoint(q_dir), tmp_path / "again.gguf", GGUFExportConfig(type="q4_0"))
+    assert report.extra["kept_codes"] == 16 * 7 and report.extra["requantized"] == 0
+    rtn = tmp_path / "rtn.gguf"
+    _export(cli, folder, rtn, "--type", "q4_0")
+    assert {t.tensor_type.name for t in _reader(rtn).tensors if "ffn_down" in t.name} == {"Q4_0"}

@@ -22,7 +22,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -139,7 +139,9 @@ def plan(src: Checkpoint, settings: GGUFExportConfig) -> tuple[str, list[Planned
         stored = blocks.get(name)
         if stored is not None:
             manual = any(p.search(r.gguf_name) for p, _ in chooser.overrides)
-            if settings.type == "auto" and not manual:
+            # blocks quantized with calibration data follow the mix's importance-matrix rules
+            calibrated = replace(chooser, calibrated=True).choose(r.gguf_name, r.leaf, r.block, shape)
+            if (settings.type == "auto" or stored == calibrated) and not manual:
                 gtype = stored
             keep = gtype == stored
         out.append(PlannedTensor(name, r, shape, gtype, layer, keep, stored))

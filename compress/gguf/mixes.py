@@ -19,8 +19,10 @@ gets the base type, as ``llama-quantize --pure``); ``--tensor-type PATTERN=TYPE`
 in the GGUF tensor name, first match wins, as llama-quantize's option) overrides both. One-dimensional
 tensors (norms, biases) stay F32, as llama.cpp keeps them.
 
-Left out on purpose: llama.cpp's Q4_0/Q5_0 ``ffn_down`` guard that applies only with an importance
-matrix, the rules for mixture-of-experts, Falcon and 70B models, and the IQ types.
+With calibration data (``calibrated``: llama-quantize given an importance matrix, or our GPTQ/AWQ on
+the type's grid) Q4_0 and Q5_0 files give ``ffn_down`` of the first eighth of the layers Q4_1 / Q5_1,
+as llama-quantize does with ``--imatrix``. Left out on purpose: the rules for mixture-of-experts,
+Falcon and 70B models, and the IQ types.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ class Mix:
     attn_output: str | None = None
     #: applies the output-tensor rule (quantized mixes)
     quantized: bool = True
+    #: ``ffn_down`` of the first eighth of the layers with calibration data
+    calibrated_ffn_down: str | None = None
     aliases: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -74,10 +78,10 @@ MIXES: dict[str, Mix] = {
     "f32": Mix(0, "f32", quantized=False),
     "f16": Mix(1, "f16", quantized=False),
     "bf16": Mix(32, "bf16", quantized=False),
-    "q4_0": Mix(2, "q4_0"),
+    "q4_0": Mix(2, "q4_0", calibrated_ffn_down="q4_1"),
     "q4_1": Mix(3, "q4_1"),
     "q8_0": Mix(7, "q8_0"),
-    "q5_0": Mix(8, "q5_0"),
+    "q5_0": Mix(8, "q5_0", calibrated_ffn_down="q5_1"),
     "q5_1": Mix(9, "q5_1"),
     "q2_k": Mix(10, "q2_k", attn_v=lambda i, n, g: "q4_k" if g >= 4 else "q3_k", ffn_down=lambda i, n, g: "q3_k", attn_output="q3_k"),
     "q3_k_s": Mix(11, "q3_k"),
@@ -142,6 +146,8 @@ class TypeChooser:
     #: query heads per key/value head
     gqa: int = 1
     pure: bool = False
+    #: the weights are quantized with calibration data (llama-quantize's --imatrix rules)
+    calibrated: bool = False
     overrides: list[tuple[re.Pattern[str], str]] = field(default_factory=list)
 
     def choose(self, gguf_name: str, leaf: str, block: int | None, shape: Sequence[int]) -> str:
@@ -165,6 +171,8 @@ class TypeChooser:
                 return "q8_0"
             return base if base == "q8_0" else "q6_k"
         i, n = (block or 0), self.layers
+        if leaf == "ffn_down" and self.calibrated and mix.calibrated_ffn_down and i < n // 8:
+            return mix.calibrated_ffn_down
         rule = {"attn_v": mix.attn_v, "attn_qkv": mix.attn_v, "ffn_down": mix.ffn_down}.get(leaf)
         if rule is not None:
             return rule(i, n, self.gqa) or base
