@@ -113,11 +113,15 @@ def rows() -> list[Row]:
         Row("llama.cpp Q4_0 imatrix", "q4_0", "llama.cpp", "llama-quantize", "Q4_0", imatrix=True),
         Row("ours Q4_0 gptq gguf-grid", "q4_0", "weightsmith", "quantize", "q4_0", quantize=("--method", "gptq", "--format", "gguf:q4_0"),
             peer="llama.cpp Q4_0 imatrix", later=True),
+        Row("ours Q4_0 gptq gguf-grid act-order", "q4_0", "weightsmith", "quantize", "q4_0",
+            quantize=("--method", "gptq", "--act-order", "--format", "gguf:q4_0"), peer="llama.cpp Q4_0 imatrix", later=True),
         Row("ours Q4_0 awq", "q4_0", "weightsmith", "quantize", "q4_0", quantize=("--method", "awq", *Q4_GRID, "--format", "packed"),
             peer="llama.cpp Q4_0 imatrix"),
         Row("llama.cpp Q4_K_M", "q4_k_m", "llama.cpp", "llama-quantize", "Q4_K_M"),
         Row("ours Q4_K_M gptq", "q4_k_m", "weightsmith", "quantize", "q4_k_m", quantize=("--method", "gptq", "--format", "gguf:q4_k_m"),
             peer="llama.cpp Q4_K_M imatrix", later=True),
+        Row("ours Q4_K_M gptq act-order", "q4_k_m", "weightsmith", "quantize", "q4_k_m",
+            quantize=("--method", "gptq", "--act-order", "--format", "gguf:q4_k_m"), peer="llama.cpp Q4_K_M imatrix", later=True),
         Row("llama.cpp Q4_K_M imatrix", "q4_k_m", "llama.cpp", "llama-quantize", "Q4_K_M", imatrix=True),
         Row("llama.cpp Q3_K_M", "q3_k_m", "llama.cpp", "llama-quantize", "Q3_K_M"),
         Row("ours Q3_K_M gptq", "q3_k_m", "weightsmith", "quantize", "q3_k_m", quantize=("--method", "gptq", "--format", "gguf:q3_k_m"),
@@ -127,7 +131,10 @@ def rows() -> list[Row]:
 
 
 #: the rows with a goal on perplexity against their peer -> whether the file must also be no larger
-QUALITY_GOALS = {"ours Q4_0 gptq": False, "ours Q4_0 gptq gguf-grid": False, "ours Q4_K_M gptq": True}
+QUALITY_GOALS = {
+    "ours Q4_0 gptq": False, "ours Q4_0 gptq gguf-grid": False, "ours Q4_0 gptq gguf-grid act-order": False,
+    "ours Q4_K_M gptq": True, "ours Q4_K_M gptq act-order": True,
+}
 
 
 def choose(patterns: list[str] | None, source: str) -> list[Row]:

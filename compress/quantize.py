@@ -373,7 +373,7 @@ def _gptq_gguf_together(modules: list, names: list[str], w: torch.Tensor, hessia
 
     if zero_mask(w, config.keep_zeros) is not None:
         log.warning("%s: GPTQ on GGUF grids does not keep a pruned model's zeros; they are rounded like any weight", ", ".join(names))
-    q, loss = gptq_gguf(w, hessian, grid, damp=config.damp, block_size=config.block_size, importance=torch.diagonal(hessian))
+    q, loss = gptq_gguf(w, hessian, grid, damp=config.damp, block_size=config.block_size, importance=torch.diagonal(hessian), act_order=config.act_order)
     report.gptq_loss += loss
     out = {}
     start = 0

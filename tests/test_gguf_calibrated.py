@@ -22,20 +22,22 @@ def _layer(seed: int = 0, out: int = 48, inp: int = 512, n: int = 2048):
     return w, x
 
 
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("gtype", ["q4_k", "q6_k", "q3_k", "q2_k", "q5_k"])
-def test_identity_hessian_is_the_reference_rounding(gtype):
+def test_identity_hessian_is_the_reference_rounding(gtype, act_order):
     w, _ = _layer(1, inp=256)
-    q, _ = gptq_gguf(w, torch.eye(256), GGUFGrid(gtype), damp=1e-6)
+    q, _ = gptq_gguf(w, torch.eye(256), GGUFGrid(gtype), damp=1e-6, act_order=act_order)
     ref = quants.quantize(w, gtype)
     assert torch.equal(q.codes, ref.codes) and torch.equal(q.d, ref.d)
     assert torch.equal(q.sub_scales, ref.sub_scales)
 
 
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("gtype", TYPES)
-def test_gptq_beats_llama_cpp_rounding_on_outlier_inputs(gtype):
+def test_gptq_beats_llama_cpp_rounding_on_outlier_inputs(gtype, act_order):
     w, x = _layer(2)
     H = x.t() @ x
-    q, loss = gptq_gguf(w, H, GGUFGrid(gtype), importance=torch.diagonal(H))
+    q, loss = gptq_gguf(w, H, GGUFGrid(gtype), importance=torch.diagonal(H), act_order=act_order)
     assert loss > 0
     err = lambda wq: float((x @ (w - wq).t()).square().sum())  # noqa: E731
     gptq = err(quants.dequantize(q))

@@ -61,6 +61,26 @@ def rows_of(q: GGUFQuant, start: int, stop: int) -> GGUFQuant:
     return GGUFQuant(q.gtype, (stop - start, q.shape[1]), part(q.codes), part(q.d), part(q.m), part(q.dmin), part(q.sub_scales), part(q.sub_mins))
 
 
+class _StaticStep:
+    """The column step with every block's parameters fixed up front from the original weights (for
+    act-order, where the sweep does not visit a block's columns together): processing position ``k``
+    is original column ``perm[k]``, rounded to its block's grid."""
+
+    def __init__(self, params: BlockParams, perm: list[int], out: int) -> None:
+        self.t = quants.gguf_type(params.gtype)
+        self.params = params
+        self.perm = perm
+        self.scale, self.offset = quants.affine(params)
+        self.codes = torch.empty((out, len(perm)), dtype=torch.uint8)
+
+    def __call__(self, block: Tensor, i: int, k: int) -> Tensor:
+        col = self.perm[k]
+        code = quants.encode(block[:, i : i + 1], self.params, start=col)[:, 0]
+        self.codes[:, col] = code
+        g = col // self.t.group_size
+        return self.scale[:, g] * code.to(torch.float32) + self.offset[:, g]
+
+
 class _BlockStep:
     """The sweep's column step on a GGUF grid: a block's parameters at its first column, then each
     column rounded to the nearest point of that block's grid."""
@@ -99,12 +119,17 @@ def gptq_gguf(
     max_damp: float = 1.0,
     block_size: int = 128,
     importance: Tensor | None = None,
+    act_order: bool = False,
 ) -> tuple[GGUFQuant, float]:
     """GPTQ of ``w`` ``[out, in]`` (``in`` a multiple of the type's block) on ``grid``, given the input
     Hessian ``[in, in]``; ``importance`` ``[in]`` weights the block parameter search (llama.cpp's
-    importance-matrix variant; ``diag(H)`` is the natural choice). Columns are swept in order (no
-    act-order: a GGUF block covers consecutive columns). Returns the quantized tensor and the GPTQ
-    loss (:func:`compress.gptq.gptq_quantize` has the same contract for our integer grids)."""
+    importance-matrix variant; ``diag(H)`` is the natural choice). Columns are swept in order, each
+    block's parameters chosen from the weights as updated when the sweep reaches it; with
+    ``act_order`` every block's parameters are chosen up front from the original weights (GPTQ's
+    static groups) and the columns are swept by decreasing Hessian diagonal, so the channels that
+    carry most signal are rounded while the most columns remain to absorb their error. Returns the
+    quantized tensor and the GPTQ loss (:func:`compress.gptq.gptq_quantize` has the same contract for
+    our integer grids)."""
     t = quants.gguf_type(grid.gtype)
     if w.ndim != 2 or not w.is_floating_point():
         raise ValueError(f"expected a floating-point weight [out, in], got {w.dtype} {tuple(w.shape)}")
@@ -115,9 +140,22 @@ def gptq_gguf(
         raise ValueError(f"hessian has shape {tuple(hessian.shape)}, expected {(inp, inp)}")
     W, H = zero_dead_inputs(w.detach().to(torch.float32), hessian.detach().to(dtype=torch.float32))
     row_sq_mean = (W * W).mean(dim=1)
+    imp = None if importance is None else importance.to(torch.float32)
+    if act_order:
+        static = quants.block_params(W, t, imp).stored()
+        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+        W, H = W[:, perm], H[perm][:, perm]
+        U = inverse_cholesky(H, damp, max_damp)
+        del H
+        step_static = _StaticStep(static, perm.tolist(), out)
+        _, losses = obs_sweep(W, U, step_static, block_size=block_size, inner=inner_block())
+        loss = float(losses.sum())
+        if not math.isfinite(loss):
+            raise ValueError("GPTQ produced a non-finite loss; check the weight and the Hessian")
+        return quants.assemble(static, step_static.codes), loss
     U = inverse_cholesky(H, damp, max_damp)
     del H
-    step = _BlockStep(grid, out, inp, None if importance is None else importance.to(torch.float32), row_sq_mean)
+    step = _BlockStep(grid, out, inp, imp, row_sq_mean)
     bs = t.block_size * max(1, block_size // t.block_size)
     _, losses = obs_sweep(W, U, step, block_size=bs, inner=inner_block(t.block_size))
     loss = float(losses.sum())
