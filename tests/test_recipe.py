@@ -31,7 +31,7 @@ def test_unknown_key_names_key_step_and_allowed_keys(tmp_path):
 
 
 def test_unknown_pass_and_bad_value(tmp_path):
-    with pytest.raises(WeightsmithError, match="step 1: unknown pass .shrink.; passes: copy, merge, prune, quantize"):
+    with pytest.raises(WeightsmithError, match="step 1: unknown pass .shrink.; passes: copy, gguf, merge, prune, quantize"):
         load_recipe(write(tmp_path, "steps:\n  - pass: shrink\n"))
     with pytest.raises(WeightsmithError, match=r"step 1 \(quantize\): bits: bits must be 2, 3, 4 or 8"):
         load_recipe(write(tmp_path, "steps:\n  - pass: quantize\n    bits: 5\n"))
