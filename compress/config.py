@@ -37,7 +37,7 @@ def check_group_size(v: int | None) -> int | None:
     return v
 
 
-def parse_override(text: str, keys: tuple[str, ...] = ("method", "bits", "group_size", "symmetric")) -> dict[str, Any]:
+def parse_override(text: str, keys: tuple[str, ...] = ("method", "bits", "group_size", "symmetric", "gguf_type")) -> dict[str, Any]:
     """``'PATTERN:key=value,...'`` or ``'PATTERN:skip'`` -> the fields of an override (values still as
     text; the model validates them). The pattern ends at the last ``:`` followed by ``skip`` or
     ``key=``, so a regular expression or a value (an N:M pattern) may itself hold colons."""
@@ -73,10 +73,24 @@ class Override(BaseModel):
     bits: int | None = None
     group_size: int | None = None
     symmetric: bool | None = None
+    #: with ``format: gguf:TYPE``: this module's GGUF block type instead of the mix's
+    gguf_type: str | None = None
     skip: bool = False
 
     _bits = field_validator("bits")(check_bits)
     _group_size = field_validator("group_size")(check_group_size)
+
+    @field_validator("gguf_type")
+    @classmethod
+    def _block_type(cls, value: str | None) -> str | None:
+        from compress.gguf.mixes import BLOCK, FLOAT_TYPES
+
+        if value is None:
+            return None
+        value = value.strip().lower()
+        if value not in BLOCK or value in FLOAT_TYPES:
+            raise ValueError(f"gguf_type must be a GGUF block type ({', '.join(t for t in BLOCK if t not in FLOAT_TYPES)}), got {value!r}")
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -152,7 +166,8 @@ class QuantizeConfig(BaseModel):
     ignore: IgnorePatterns
     overrides: list[Override] = Field(
         default_factory=list,
-        description="Per-module settings, e.g. 'down_proj:bits=8' or 're:.*\\.0\\..*:skip'; the first match wins.",
+        description="Per-module settings, e.g. 'down_proj:bits=8', 're:.*\\.0\\..*:skip' or, with --format gguf:TYPE, "
+        "'down_proj:gguf_type=q6_k'; the first match wins.",
         json_schema_extra={"flags": ["--override"], "metavar": "PATTERN:KEY=VALUE,..."},
     )
     format: str = Field(
@@ -186,6 +201,19 @@ class QuantizeConfig(BaseModel):
             raise ValueError(f"gguf:{name} is a float type; quantize to a block type (gguf:q4_0, gguf:q4_k_m, ...) or export it directly")
         return f"gguf:{name}"
 
+    @model_validator(mode="after")
+    def _gguf_overrides(self) -> QuantizeConfig:
+        if self.gguf_mix is None and any(o.gguf_type for o in self.overrides):
+            raise ValueError("a gguf_type override needs --format gguf:TYPE")
+        return self
+
+    def gguf_type_for(self, module: str) -> str | None:
+        """The GGUF block type the first matching override gives ``module``, or None."""
+        for override in self.overrides:
+            if matches(override.match, module):
+                return None if override.skip else override.gguf_type
+        return None
+
     @property
     def gguf_mix(self) -> str | None:
         """The llama.cpp type or mix whose grids the codes are chosen on (``format: gguf:TYPE``), or None."""
@@ -202,7 +230,7 @@ class QuantizeConfig(BaseModel):
             if matches(override.match, module):
                 if override.skip:
                     return None
-                values.update({k: v for k, v in override.model_dump(exclude={"match", "skip"}).items() if v is not None})
+                values.update({k: v for k, v in override.model_dump(exclude={"match", "skip", "gguf_type"}).items() if v is not None})
                 break
         from compress.grid import QuantGrid
 

@@ -86,16 +86,18 @@ def select_linears(ckpt: Checkpoint, config: QuantizeConfig) -> dict[str, Linear
     if not chosen:
         raise WeightsmithError(ckpt.folder, "no weight matches the targets; nothing to quantize")
     if config.gguf_mix is not None:
-        chosen = _gguf_grids(ckpt, config.gguf_mix, chosen, calibrated=config.calibrated)
+        chosen = _gguf_grids(ckpt, config.gguf_mix, chosen, calibrated=config.calibrated, overrides=config.gguf_type_for)
     return chosen
 
 
-def _gguf_grids(ckpt: Checkpoint, mix: str, chosen: dict[str, LinearSettings], calibrated: bool = False) -> dict[str, LinearSettings]:
+def _gguf_grids(
+    ckpt: Checkpoint, mix: str, chosen: dict[str, LinearSettings], calibrated: bool = False, overrides: Callable[[str], str | None] = lambda m: None
+) -> dict[str, LinearSettings]:
     """Each linear on the grid of the block type llama-quantize's ``mix`` gives it (with its importance
-    matrix rules when ``calibrated``; a linear whose width fits no block type stays unquantized, as
-    llama.cpp keeps it in float16)."""
+    matrix rules when ``calibrated``), or the type an override names; a linear whose width fits no
+    block type stays unquantized, as llama.cpp keeps it in float16."""
     from compress.gguf.calibrated import GGUFGrid
-    from compress.gguf.mixes import MIXES, FLOAT_TYPES, TypeChooser
+    from compress.gguf.mixes import FLOAT_TYPES, MIXES, TypeChooser, fallback
     from compress.gguf.names import gguf_arch_of, route
 
     config = ckpt.config
@@ -112,7 +114,9 @@ def _gguf_grids(ckpt: Checkpoint, mix: str, chosen: dict[str, LinearSettings], c
         r = route(f"{module}.weight", found[0], {})
         if r is None:
             raise WeightsmithError(ckpt.folder, f"format gguf: {module} has no place in a llama.cpp model")
-        gtype = chooser.choose(r.gguf_name, r.leaf, r.block, tuple(ckpt.info(f"{module}.weight").shape))
+        shape = tuple(ckpt.info(f"{module}.weight").shape)
+        named = overrides(module)
+        gtype = fallback(named, shape[-1]) if named else chooser.choose(r.gguf_name, r.leaf, r.block, shape)
         if gtype in FLOAT_TYPES:
             log.warning("%s: no GGUF block type fits its width; left unquantized (llama.cpp keeps it in %s)", module, gtype)
             continue

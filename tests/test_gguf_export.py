@@ -434,3 +434,27 @@ def test_calibrated_q4_0_gives_the_first_ffn_down_layers_q4_1(cli, tmp_path):
     rtn = tmp_path / "rtn.gguf"
     _export(cli, folder, rtn, "--type", "q4_0")
     assert {t.tensor_type.name for t in _reader(rtn).tensors if "ffn_down" in t.name} == {"Q4_0"}
+
+
+def test_gguf_type_overrides_per_tensor(cli, llama256, tmp_path):
+    """quantize's --override gives a tensor its own GGUF type (the budget search's per-tensor choice);
+    the export keeps it."""
+    from safetensors import safe_open
+
+    from compress.quantize import GGUF_BLOCKS
+
+    q_dir = tmp_path / "q"
+    result = cli("quantize", llama256, q_dir, "--method", "rtn", "--format", "gguf:q4_k_m", "--override", "mlp.up_proj:gguf_type=q2_k", "--override", "re:.*\\.0\\.self_attn\\.q_proj:gguf_type=q8_0")
+    assert result.exit_code == 0, result.output
+    with safe_open(str(q_dir / GGUF_BLOCKS), framework="pt") as fh:
+        types = fh.metadata()
+    assert types["model.layers.0.mlp.up_proj.weight"] == types["model.layers.1.mlp.up_proj.weight"] == "q2_k"
+    assert types["model.layers.0.self_attn.q_proj.weight"] == "q8_0" and types["model.layers.1.self_attn.q_proj.weight"] == "q4_k"
+    out = tmp_path / "q.gguf"
+    _export(cli, q_dir, out)
+    got = {t.name: t.tensor_type.name for t in _reader(out).tensors}
+    assert got["blk.0.ffn_up.weight"] == "Q2_K" and got["blk.0.attn_q.weight"] == "Q8_0" and got["blk.1.attn_q.weight"] == "Q4_K"
+    result = cli("quantize", llama256, tmp_path / "x", "--override", "up_proj:gguf_type=q4_0")
+    assert result.exit_code == 2 and "gguf_type override needs --format gguf:TYPE" in result.output
+    result = cli("quantize", llama256, tmp_path / "x", "--format", "gguf:q4_0", "--override", "up_proj:gguf_type=f16")
+    assert result.exit_code == 2 and "gguf_type must be a GGUF block type" in result.output
