@@ -20,7 +20,8 @@ Rows (groups ``f16``, ``q4_0``, ``q4_k_m``, ``q3_k_m``; or ``ours`` / ``llama.cp
   --symmetric --format packed`` then ``weightsmith export gguf Q OUT --type q4_0`` (the codes kept).
 * ``ours Q4_0 gptq gguf-grid`` (``--format gguf:q4_0``: GPTQ on Q4_0's own grid, float16 block
   scales), ``ours Q4_K_M gptq`` (``--format gguf:q4_k_m``, llama-quantize's mix per tensor) and
-  ``ours Q3_K_M gptq`` (``--format gguf:q3_k_m``), each exported with ``--type`` of the same name:
+  ``ours Q3_K_M gptq`` (``--format gguf:q3_k_m``), and ``... act-order`` rows of the Q4_0 and
+  Q4_K_M ones (GPTQ with ``--act-order``), each exported with ``--type`` of the same name:
   a CLI that refuses the option (a usage error) skips the row with its reason.
 
 Calibration: the first ``--samples`` blocks of 512 tokens of wikitext2-test-calib.raw (our
