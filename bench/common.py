@@ -70,3 +70,18 @@ def median(values: list[float]) -> float:
 def folder_bytes(folder: Path) -> int:
     """Bytes of the safetensors files in a checkpoint folder."""
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """``a / b`` for the tables' ratio columns, None when either is missing or ``b`` is 0."""
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def or_dash(value: float | None, spec: str, suffix: str = "") -> str:
+    """``value`` formatted by ``spec`` (and ``suffix``), or "-" when missing."""
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def goal_word(ok: bool | None) -> str:
+    """A goal column's word: met, NOT met, or "-" when the row has no goal."""
+    return "-" if ok is None else ("met" if ok else "NOT met")

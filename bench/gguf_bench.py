@@ -66,7 +66,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import PEERS_BIN, ROOT, VENV_BIN, measure  # noqa: E402
+from bench.common import PEERS_BIN, ROOT, VENV_BIN, goal_word as _check, measure, or_dash as _fmt, ratio as _ratio  # noqa: E402
 from bench.make_gguf_oracle import convert_command  # noqa: E402
 
 LLAMA_BIN = ROOT / ".peers" / "llama.cpp" / "build" / "bin"
@@ -317,18 +317,6 @@ def measure_speed(files: dict[str, Path], reps: int) -> dict[str, dict]:
 
 
 # ---- tables ------------------------------------------------------------------------------------
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None or b == 0 else a / b
-
-
-def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
-    return "-" if value is None else f"{value:{spec}}{suffix}"
-
-
-def _check(ok: bool | None) -> str:
-    return "-" if ok is None else ("met" if ok else "NOT met")
-
-
 def speed_goal(r: dict, p: dict, key: str) -> bool | None:
     """tokens/s on our file within noise of llama.cpp's own file of the same type (or faster)."""
     mine, theirs = r.get("speed", {}), p.get("speed", {})

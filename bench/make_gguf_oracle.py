@@ -197,6 +197,11 @@ def make_tied(untied: Path, dest: Path) -> Path:
 def write_fixture(out_dir: Path, case: str, gguf_path: Path, command: list[str], patched: dict[str, str], note: str) -> None:
     doc = {"case": case, "note": note, "source": {**SOURCE, "command": command}, "patched": patched,
            "array_hash": ARRAY_HASH, **describe_gguf(gguf_path)}
+    write_doc(out_dir, case, doc)
+
+
+def write_doc(out_dir: Path, case: str, doc: dict) -> None:
+    """Fixture ``case`` as indented JSON in ``out_dir``."""
     path = out_dir / f"{case}.json"
     path.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     LOG.info("wrote %s (%d bytes)", path, path.stat().st_size)

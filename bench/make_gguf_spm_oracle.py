@@ -43,9 +43,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.make_gguf_oracle import ARRAY_HASH, PEERS_PYTHON, SOURCE, array_digest, convert  # noqa: E402
+from bench.make_gguf_oracle import ARRAY_HASH, PEERS_PYTHON, SOURCE, array_digest, convert, write_doc  # noqa: E402
 
-LOG = logging.getLogger("make_gguf_spm_oracle")
 
 #: run in .venv-peers: sentencepiece trains a BPE model on argv[2]'s text, transformers' LlamaTokenizer
 #: converts it and saves the folder argv[1] (tokenizer.model, tokenizer.json, tokenizer_config.json)
@@ -125,9 +124,7 @@ def record(out_dir: Path, case: str, side: Path, work: Path, note: str) -> None:
     doc = {"case": case, "note": note, "source": {**SOURCE, "command": command}, "array_hash": ARRAY_HASH,
            "metadata": metadata(target), "files": files, "binary_files": binary, "file_sha256": digests,
            "texts": list(SENTENCES), "llama_cpp_ids": ids}
-    path = out_dir / f"{case}.json"
-    path.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    LOG.info("wrote %s (%d bytes)", path, path.stat().st_size)
+    write_doc(out_dir, case, doc)
 
 
 def main() -> None:

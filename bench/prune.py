@@ -48,7 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import PEERS_BIN, ROOT, VENV_BIN, measure  # noqa: E402
+from bench.common import PEERS_BIN, ROOT, VENV_BIN, goal_word as _check, measure, or_dash as _fmt, ratio as _ratio  # noqa: E402
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 GROUPS = ("sparse", "torch-pruning", "structured")
@@ -311,18 +311,6 @@ def measure_speed(folders: dict[str, Path], ids: Path, reps: int) -> dict[str, d
     script.write_text(SPEED_SCRIPT)
     run = measure([str(VENV_BIN / "python"), str(script), str(ids), str(reps), "128", *[str(f) for f in folders.values()]], env=OFFLINE, cwd=ROOT)
     return dict(zip(folders, json.loads(run.stdout.strip().splitlines()[-1])))
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None or b == 0 else a / b
-
-
-def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
-    return "-" if value is None else f"{value:{spec}}{suffix}"
-
-
-def _check(ok: bool | None) -> str:
-    return "-" if ok is None else ("met" if ok else "NOT met")
 
 
 def markdown(results: dict) -> str:
