@@ -347,44 +347,30 @@ def zero_mask(w: torch.Tensor, keep_zeros: str) -> torch.Tensor | None:
 def _gptq_together(
     step: LayerStep, names: list[str], hessian: torch.Tensor, grid: QuantGrid, config: QuantizeConfig, dtype: torch.dtype, report: QuantReport
 ) -> dict[str, QuantizedTensor]:
-    """GPTQ on the stacked weights of ``names`` (one Hessian); each module gets its rows back,
-    dequantized, so that the runner propagates the error."""
+    """GPTQ on the stacked weights of ``names`` (one Hessian), on our grid or a GGUF type's (block
+    parameters weighted by the Hessian's diagonal, llama.cpp's importance matrix); each module gets
+    its rows back, dequantized, so that the runner propagates the error."""
+    from compress.gguf.calibrated import GGUFGrid, gptq_gguf, rows_of
+
     modules = [get_module(step.module, lin) for lin in names]
     w = torch.cat([m.weight.data.to(dtype) for m in modules])
-    from compress.gguf.calibrated import GGUFGrid
-
-    if isinstance(grid, GGUFGrid):
-        return _gptq_gguf_together(modules, names, w, hessian, grid, config, report)
     mask = zero_mask(w, config.keep_zeros)
-    clip = hessian_clip_search(w, hessian, grid) if config.clip else None
-    q, loss = gptq_quantize(w, hessian, grid, damp=config.damp, block_size=config.block_size, act_order=config.act_order, clip=clip, mask=mask)
+    if isinstance(grid, GGUFGrid):
+        if mask is not None:
+            log.warning("%s: GPTQ on GGUF grids does not keep a pruned model's zeros; they are rounded like any weight", ", ".join(names))
+        q, loss = gptq_gguf(w, hessian, grid, damp=config.damp, block_size=config.block_size, importance=torch.diagonal(hessian), act_order=config.act_order)
+        rows = rows_of
+    else:
+        clip = hessian_clip_search(w, hessian, grid) if config.clip else None
+        q, loss = gptq_quantize(w, hessian, grid, damp=config.damp, block_size=config.block_size, act_order=config.act_order, clip=clip, mask=mask)
+        rows = type(q).rows
     report.gptq_loss += loss
     out: dict[str, QuantizedTensor] = {}
     start = 0
     for lin, module in zip(names, modules):
         stop = start + module.weight.shape[0]
-        out[lin] = q.rows(start, stop)
-        module.weight.data = out[lin].dequantize().to(module.weight.dtype)
-        start = stop
-    return out
-
-
-def _gptq_gguf_together(modules: list, names: list[str], w: torch.Tensor, hessian: torch.Tensor, grid, config: QuantizeConfig, report: QuantReport) -> dict:
-    """:func:`_gptq_together` on a GGUF type's grid (the block parameters weighted by the Hessian's
-    diagonal, llama.cpp's importance matrix)."""
-    from compress.gguf import quants
-    from compress.gguf.calibrated import gptq_gguf, rows_of
-
-    if zero_mask(w, config.keep_zeros) is not None:
-        log.warning("%s: GPTQ on GGUF grids does not keep a pruned model's zeros; they are rounded like any weight", ", ".join(names))
-    q, loss = gptq_gguf(w, hessian, grid, damp=config.damp, block_size=config.block_size, importance=torch.diagonal(hessian), act_order=config.act_order)
-    report.gptq_loss += loss
-    out = {}
-    start = 0
-    for lin, module in zip(names, modules):
-        stop = start + module.weight.shape[0]
-        out[lin] = rows_of(q, start, stop)
-        module.weight.data = quants.dequantize(out[lin]).to(module.weight.dtype)
+        out[lin] = rows(q, start, stop)
+        module.weight.data = dequantized(out[lin]).to(module.weight.dtype)
         start = stop
     return out
 

@@ -110,6 +110,14 @@ class _BlockStep:
         return self.scale[:, g] * code[:, 0].to(torch.float32) + self.offset[:, g]
 
 
+def _finite(losses: Tensor) -> float:
+    """The summed OBS loss, or ValueError when it is not finite."""
+    loss = float(losses.sum())
+    if not math.isfinite(loss):
+        raise ValueError("GPTQ produced a non-finite loss; check the weight and the Hessian")
+    return loss
+
+
 def gptq_gguf(
     w: Tensor,
     hessian: Tensor,
@@ -149,24 +157,12 @@ def gptq_gguf(
         del H
         step_static = _StaticStep(static, perm.tolist(), out)
         _, losses = obs_sweep(W, U, step_static, block_size=block_size, inner=inner_block())
-        loss = float(losses.sum())
-        if not math.isfinite(loss):
-            raise ValueError("GPTQ produced a non-finite loss; check the weight and the Hessian")
-        return quants.assemble(static, step_static.codes), loss
+        return quants.assemble(static, step_static.codes), _finite(losses)
     U = inverse_cholesky(H, damp, max_damp)
     del H
     step = _BlockStep(grid, out, inp, imp, row_sq_mean)
     bs = t.block_size * max(1, block_size // t.block_size)
     _, losses = obs_sweep(W, U, step, block_size=bs, inner=inner_block(t.block_size))
-    loss = float(losses.sum())
-    if not math.isfinite(loss):
-        raise ValueError("GPTQ produced a non-finite loss; check the weight and the Hessian")
-    params = step.params
-    d = torch.cat([p.d for p in params], dim=1)
-
-    def cat(name: str) -> Tensor | None:
-        parts = [getattr(p, name) for p in params]
-        return None if parts[0] is None else torch.cat(parts, dim=1)
-
-    q = GGUFQuant(t.gtype, (out, inp), step.codes, d, cat("m"), cat("dmin"), cat("sub_scales"), cat("sub_mins"))
-    return q, loss
+    loss = _finite(losses)
+    blocks = [quants.assemble(p, step.codes[:, i * t.block_size : (i + 1) * t.block_size]) for i, p in enumerate(step.params)]
+    return quants.concat_columns(blocks), loss

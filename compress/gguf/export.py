@@ -129,16 +129,15 @@ def plan(src: Checkpoint, settings: GGUFExportConfig) -> tuple[str, list[Planned
             shape = shape[::-1]
         gtype = chooser.choose(r.gguf_name, r.leaf, r.block, shape)
         keep = False
+        manual = any(p.search(r.gguf_name) for p, _ in chooser.overrides)
         if layer is not None:
             exact = kept_type(layer.grid, shape)
-            manual = any(p.search(r.gguf_name) for p, _ in chooser.overrides)
             if settings.type == "auto" and exact is not None and not manual:
                 gtype, keep = exact, True
             else:
                 keep = exact == gtype
         stored = blocks.get(name)
         if stored is not None:
-            manual = any(p.search(r.gguf_name) for p, _ in chooser.overrides)
             # blocks quantized with calibration data follow the mix's importance-matrix rules
             calibrated = replace(chooser, calibrated=True).choose(r.gguf_name, r.leaf, r.block, shape)
             if (settings.type == "auto" or stored == calibrated) and not manual:
@@ -303,11 +302,9 @@ def export_gguf(src: Checkpoint, dest: Path, settings: GGUFExportConfig, *, forc
         writer.write_ti_data_to_file()
         for i, t in enumerate(tensors):
             data = _kept(src, t) if t.keep_codes else None
-            if t.keep_codes and data is None:
-                t.keep_codes = False
-                requantized.append(t.source)
             if data is None:
-                if (t.packed is not None or t.blocks is not None) and not t.keep_codes and t.source not in requantized:
+                t.keep_codes = False
+                if t.packed is not None or t.blocks is not None:
                     requantized.append(t.source)
                 data = _encode(_values(src, t), t.gtype)
             data = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
@@ -369,10 +366,6 @@ def _add(writer: Any, key: str, kind: str, value: Any) -> None:
         raise ValueError(f"unknown metadata kind {kind!r} for {key}")
 
 
-def _tensor_class(t: PlannedTensor) -> str:
-    return t.route.leaf
-
-
 def _report(dest: Path, tensors: list[PlannedTensor], requantized: list[str], seconds: float) -> Report:
     params = sum(math.prod(t.shape) for t in tensors)
     quantized = [t for t in tensors if t.gtype not in mixes.FLOAT_TYPES]
@@ -380,7 +373,7 @@ def _report(dest: Path, tensors: list[PlannedTensor], requantized: list[str], se
     bpw = (8 * sum(t.nbytes for t in quantized) / q_params) if q_params else None
     classes: dict[str, Counter] = {}
     for t in tensors:
-        classes.setdefault(_tensor_class(t), Counter())[t.gtype] += 1
+        classes.setdefault(t.route.leaf, Counter())[t.gtype] += 1
     types = {leaf: ", ".join(f"{g} x{n}" if n > 1 else g for g, n in sorted(c.items())) for leaf, c in classes.items()}
     kept = sum(1 for t in tensors if t.keep_codes)
     extra: dict[str, Any] = {
