@@ -188,15 +188,7 @@ class Checkpoint:
 
     def _read_config(self) -> dict:
         path = self.folder / "config.json"
-        if not path.exists():
-            return {}
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise WeightsmithError(path, f"not valid JSON: {exc}") from None
-        if not isinstance(config, dict):
-            raise WeightsmithError(path, "not a JSON object")
-        return config
+        return read_json_object(path) if path.exists() else {}
 
     # ---- queries ------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -513,6 +505,18 @@ class CheckpointWriter:
         if old is not None:
             shutil.rmtree(old) if old.is_dir() else old.unlink()
         log.info("wrote %s", self.dest)
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (config.json, tokenizer files); a one-line error naming
+    the file otherwise."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeightsmithError(path, f"not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise WeightsmithError(path, "not a JSON object")
+    return doc
 
 
 def _write_json(path: Path, doc: dict) -> None:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from weightsmith.checkpoint import read_json_object
 from weightsmith.errors import WeightsmithError
 
 log = logging.getLogger(__name__)
@@ -151,16 +152,6 @@ class Vocab:
         if self.chat_template:
             out.append(("tokenizer.chat_template", "str", self.chat_template))
         return out
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WeightsmithError(path, f"unreadable JSON ({exc})") from None
-    if not isinstance(doc, dict):
-        raise WeightsmithError(path, "expected a JSON object")
-    return doc
 
 
 def _templates(post: Mapping[str, Any] | None) -> list[Mapping[str, Any]]:
@@ -308,9 +299,9 @@ def read_vocab(folder: Path, config: Mapping[str, Any]) -> Vocab:
     path = folder / "tokenizer.json"
     if not path.is_file():
         raise WeightsmithError(folder, "no tokenizer.json: GGUF export writes the tokenizer into the file and needs the fast tokenizer's tokenizer.json")
-    doc = _read_json(path)
+    doc = read_json_object(path)
     tok_config_path = folder / "tokenizer_config.json"
-    tok_config = _read_json(tok_config_path) if tok_config_path.is_file() else {}
+    tok_config = read_json_object(tok_config_path) if tok_config_path.is_file() else {}
     model = doc.get("model") or {}
     if is_sentencepiece_style(doc):
         return _sentencepiece_vocab(folder, doc, tok_config, config)
@@ -601,7 +592,7 @@ def _pieces_vocab(folder: Path, pieces: Sequence[SpmPiece], doc: Mapping[str, An
 
     added_json = folder / "added_tokens.json"
     if added_json.is_file():
-        for token, i in _read_json(added_json).items():
+        for token, i in read_json_object(added_json).items():
             if 0 <= int(i) < size:
                 tokens[int(i)], scores[int(i)], types[int(i)] = str(token), ADDED_SCORE, TokenType.USER_DEFINED
                 overlaid.add(int(i))
