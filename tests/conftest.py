@@ -66,6 +66,32 @@ def make_tiny_llama(folder: Path, seed: int = 0, hidden: int = 32, layers: int =
     return folder
 
 
+def make_tiny_hf(folder: Path, class_name: str, seed: int = 0, **kwargs) -> Path:
+    """A tiny random checkpoint (hidden 64, 2 layers, 4 heads) of a transformers config class, with the
+    test tokenizer: matrices N(0, 0.2), vectors N(0, 0.05), norm scales 1 + N(0, 0.05)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from weightsmith.checkpoint import CheckpointWriter
+
+    side = folder.parent / f".{folder.name}-side"
+    side.mkdir(parents=True, exist_ok=True)
+    vocab = train_tokenizer(side)
+    config = getattr(transformers, class_name)(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                               max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, **kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.2 if p.dim() > 1 else 0.05).add_(1.0 if name.endswith("norm.weight") else 0.0)
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(side)
+    with CheckpointWriter(folder, source=side, force=True) as writer:
+        for name, tensor in model.state_dict().items():
+            writer.add(name, tensor.contiguous())
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")

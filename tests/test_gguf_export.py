@@ -345,30 +345,14 @@ LLAMA_FAMILY = {
 
 @pytest.mark.parametrize("family", sorted(LLAMA_FAMILY))
 def test_llama_family_exports_load_in_transformers(family, cli, tmp_path):
-    import transformers
     from transformers import AutoModelForCausalLM
 
-    from tests.conftest import train_tokenizer
-    from weightsmith.checkpoint import CheckpointWriter
+    from tests.conftest import make_tiny_hf
 
-    side = tmp_path / "side"
-    side.mkdir()
-    vocab = train_tokenizer(side)
     class_name, extra = LLAMA_FAMILY[family]
-    config = getattr(transformers, class_name)(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                               max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, **extra)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0, 0.2 if p.dim() > 1 else 0.05).add_(1.0 if name.endswith("norm.weight") else 0.0)
-    config.architectures = [type(model).__name__]
-    config.save_pretrained(side)
     # transformers' GGUF loader takes a general.name holding "mistral" for an architecture of its own
-    folder = tmp_path / f"tiny-{len(family)}"
-    with CheckpointWriter(folder, source=side) as writer:
-        for name, tensor in model.state_dict().items():
-            writer.add(name, tensor.contiguous())
+    folder = make_tiny_hf(tmp_path / f"tiny-{len(family)}", class_name, **extra)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     out = tmp_path / "m.gguf"
     _export(cli, folder, out, "--type", "f32")
     reader = _reader(out)

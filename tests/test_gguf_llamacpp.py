@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import make_tiny_family, make_tiny_llama
+from tests.conftest import make_tiny_family, make_tiny_hf, make_tiny_llama
 
 PEERS_PYTHON = Path(__file__).resolve().parent.parent / ".venv-peers" / "bin" / "python"
 
@@ -41,6 +41,15 @@ def llama_cpp_logits(path: Path, ids: list[int], tmp: Path) -> np.ndarray:
     done = subprocess.run([str(PEERS_PYTHON), "-c", _RUN, str(path), json.dumps(ids), str(out)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     return np.load(out)
+
+
+def hf_logits(folder: Path, ids: list[int]) -> np.ndarray:
+    """transformers' float32 logits of the checkpoint ``folder`` on ``ids``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
 
 
 def _llama(tmp: Path) -> Path:
@@ -78,54 +87,23 @@ def _phi3_long(tmp: Path) -> Path:
     )
 
 
-def _hf_tiny(tmp: Path, name: str, class_name: str, **kwargs) -> Path:
-    """A tiny random checkpoint of a transformers config class, with the test tokenizer."""
-    import transformers
-    from transformers import AutoModelForCausalLM
-
-    from tests.conftest import train_tokenizer
-    from weightsmith.checkpoint import CheckpointWriter
-
-    side = tmp / f"side-{name}"
-    side.mkdir()
-    vocab = train_tokenizer(side)
-    config = getattr(transformers, class_name)(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                               max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, **kwargs)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            p.normal_(0, 0.2 if p.dim() > 1 else 0.05).add_(1.0 if pname.endswith(("norm.weight", "layernorm.weight")) else 0.0)
-    config.architectures = [type(model).__name__]
-    config.save_pretrained(side)
-    folder = tmp / name
-    with CheckpointWriter(folder, source=side) as writer:
-        for tname, tensor in model.state_dict().items():
-            writer.add(tname, tensor.contiguous())
-    return folder
-
-
 def _qwen3(tmp: Path) -> Path:
-    return _hf_tiny(tmp, "qwen3", "Qwen3Config", num_key_value_heads=2, head_dim=24)
+    return make_tiny_hf(tmp / "qwen3", "Qwen3Config", num_key_value_heads=2, head_dim=24)
 
 
 def _gptneox(tmp: Path) -> Path:
-    return _hf_tiny(tmp, "neox", "GPTNeoXConfig", rotary_pct=0.5)
+    return make_tiny_hf(tmp / "neox", "GPTNeoXConfig", rotary_pct=0.5)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3", "gemma2", "gemma3", "phi3", "phi3_long", "gptneox"])
 def test_llama_cpp_runs_our_f32_files_to_the_source_logits(family, cli, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     folder = {"llama": _llama, "gpt2": _gpt2, "qwen3": _qwen3, "gemma2": _gemma2, "gemma3": _gemma3, "phi3": _phi3, "phi3_long": _phi3_long, "gptneox": _gptneox}[family](tmp_path)
     out = tmp_path / f"{family}.gguf"
     result = cli("export", "gguf", folder, out, "--type", "f32")
     assert result.exit_code == 0, result.output
     ids = [int(i) for i in torch.arange(3, 51).remainder(300)]
     got = llama_cpp_logits(out, ids, tmp_path)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    with torch.no_grad():
-        want = model(torch.tensor([ids])).logits[0].numpy()
+    want = hf_logits(folder, ids)
     assert got.shape == want.shape
     # float32 on both sides; the random test models amplify summation-order differences
     assert float(np.abs(got - want).max()) <= 5e-3 * float(np.abs(want).max()), family
@@ -181,8 +159,6 @@ def test_llama_cpp_runs_a_head_and_mlp_pruned_model(cli, tmp_path):
     """Structured pruning leaves uniform widths and an explicit head width (fewer heads of the same
     width at the same hidden size): the export carries both, and llama.cpp runs it to transformers'
     logits of the pruned checkpoint."""
-    from transformers import AutoModelForCausalLM
-
     folder = make_tiny_llama(tmp_path / "llama", hidden=64)
     pruned = tmp_path / "pruned"
     result = cli("prune", folder, pruned, "--structured", "mlp=0.5,heads=0.5", "--importance", "magnitude", "--align", "16")
@@ -191,8 +167,7 @@ def test_llama_cpp_runs_a_head_and_mlp_pruned_model(cli, tmp_path):
     assert cli("export", "gguf", pruned, out, "--type", "f32").exit_code == 0
     ids = [int(i) for i in torch.arange(3, 51).remainder(300)]
     got = llama_cpp_logits(out, ids, tmp_path)
-    model = AutoModelForCausalLM.from_pretrained(pruned, dtype=torch.float32).eval()
-    assert model.config.num_attention_heads == 2 and model.config.intermediate_size == 64
-    with torch.no_grad():
-        want = model(torch.tensor([ids])).logits[0].numpy()
+    config = json.loads((pruned / "config.json").read_text())
+    assert config["num_attention_heads"] == 2 and config["intermediate_size"] == 64
+    want = hf_logits(pruned, ids)
     assert float(np.abs(got - want).max()) <= 2e-3 * float(np.abs(want).max())
