@@ -40,7 +40,7 @@ def test_unknown_pass_and_bad_value(tmp_path):
 
 
 def test_presets_parse():
-    for name in ("demo-int4", "gptq-int4"):
+    for name in ("demo-int4", "gptq-w4"):
         steps = load_recipe(preset_path(name))
         assert steps[0][0] == "quantize" and steps[0][1].bits == 4 and steps[0][1].format == "packed"
     pruning = {name: load_recipe(preset_path(name))[0] for name in ("wanda-50", "sparse-2of4", "sparse-2of4-w4", "shrink-mlp-25", "drop-layers-4")}
@@ -50,7 +50,7 @@ def test_presets_parse():
     assert pruning["sparse-2of4-w4"][1].pattern == "2:4" and pruning["sparse-2of4-w4"][1].bits == 4
     assert pruning["shrink-mlp-25"][1].structured.mlp == 0.25
     assert pruning["drop-layers-4"][1].structured.layers == 4
-    with pytest.raises(WeightsmithError, match="no preset named 'nope'; presets: demo-int4, drop-layers-4, gptq-int4, shrink-mlp-25, sparse-2of4, sparse-2of4-w4, wanda-50"):
+    with pytest.raises(WeightsmithError, match="no preset named 'nope'; presets: .*gptq-w4.*wanda-50"):
         preset_path("nope")
 
 

@@ -365,7 +365,7 @@ def presets_cmd() -> None:
     import presets
 
     table = Table("preset", "what it does")
-    for path in sorted(Path(presets.__file__).parent.glob("*.yml")):
+    for path in sorted(Path(presets.__file__).parent.glob("*.yaml")):
         first = next((line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
         table.add_row(path.stem, first)
     out.print(table)

@@ -47,14 +47,15 @@ def recipe_model(path: Path) -> str | None:
 
 
 def preset_path(name: str) -> Path:
-    """A ready recipe shipped in ``presets/`` by name (with or without .yml)."""
+    """A ready recipe shipped in ``presets/`` by name (``NAME``, ``preset:NAME`` or ``NAME.yaml``)."""
     import presets
 
     folder = Path(presets.__file__).parent
-    path = folder / (name if name.endswith((".yml", ".yaml")) else f"{name}.yml")
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in folder.glob("*.yml")))
-        raise WeightsmithError(None, f"no preset named {name!r}; presets: {known}")
+    stem = name.removeprefix("preset:").removesuffix(".yaml").removesuffix(".yml")
+    path = folder / f"{stem}.yaml"
+    if path.parent != folder or not path.is_file():
+        known = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+        raise WeightsmithError(None, f"no preset named {stem!r}; presets: {known}")
     return path
 
 
