@@ -113,6 +113,18 @@ def cli():
 
 
 @pytest.fixture(scope="session")
+def postgres_url():
+    """A throwaway PostgreSQL server for the session: `postgresql+psycopg://weightsmith@127.0.0.1:PORT/weightsmith`.
+
+    Skips when Debian's `initdb` is not installed (tests/pg.py).
+    """
+    from tests.pg import postgres_server
+
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
 def assets() -> Path:
     from weightsmith.paths import assets_dir
 
