@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PlannedTensor", "export_gguf", "kept_type", "plan", "run"]
+__all__ = ["PlannedTensor", "export_gguf", "gguf_writer", "kept_type", "plan", "run"]
 
 _QUANTIZATION_VERSION = 2
 
@@ -92,8 +92,10 @@ def kept_type(grid: Any, shape: Sequence[int], g_idx: bool = False) -> str | Non
     return {(4, True): "q4_0", (4, False): "q4_1", (8, True): "q8_0"}.get((grid.bits, grid.symmetric))
 
 
-def plan(src: Checkpoint, settings: GGUFExportConfig) -> tuple[str, list[PlannedTensor]]:
-    """The GGUF architecture and every tensor of the file with its type, from headers only."""
+def plan(src: Checkpoint, settings: GGUFExportConfig, blocks: dict[str, str] | None = None) -> tuple[str, list[PlannedTensor]]:
+    """The GGUF architecture and every tensor of the file with its type, from headers only. ``blocks``:
+    tensor name -> GGUF type of the blocks the checkpoint brings (default: read from its extra file;
+    the size estimate passes those of a checkpoint not written yet)."""
     config = src.config
     found = gguf_arch_of(config.get("model_type"))
     if found is None:
@@ -115,7 +117,7 @@ def plan(src: Checkpoint, settings: GGUFExportConfig) -> tuple[str, list[Planned
         overrides=mixes.parse_tensor_types(settings.tensor_type),
     )
     names = [n for n in src.names() if not _packed_part(n, packed)] + list(packed)
-    blocks = gguf_blocks(src)
+    blocks = gguf_blocks(src) if blocks is None else blocks
     out: list[PlannedTensor] = []
     for name in sorted(set(names), key=_natural):
         if (tied and name == "lm_head.weight") or name.endswith(SKIPPED):
@@ -269,8 +271,6 @@ def _encode(w: torch.Tensor, gtype: str) -> np.ndarray:
 
 def export_gguf(src: Checkpoint, dest: Path, settings: GGUFExportConfig, *, force: bool = False, progress: Any = None) -> Report:
     """Write ``src`` as the GGUF file ``dest`` (a temporary file renamed into place when complete)."""
-    import gguf
-
     start = time.perf_counter()
     dest = Path(dest)
     if dest.exists() and not force:
@@ -280,7 +280,6 @@ def export_gguf(src: Checkpoint, dest: Path, settings: GGUFExportConfig, *, forc
     gguf_arch, tensors = plan(src, settings)
     vocab = read_vocab(src.folder, src.config)
     metadata = hparams(gguf_arch, src.config, src.folder / "config.json")
-    file_type = mixes.MIXES[_file_type(settings, tensors)].ftype
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
@@ -288,15 +287,7 @@ def export_gguf(src: Checkpoint, dest: Path, settings: GGUFExportConfig, *, forc
     tmp = Path(tmp_name)
     requantized: list[str] = []
     try:
-        writer = gguf.GGUFWriter(tmp, gguf_arch)
-        writer.add_name(settings.name or src.folder.name)
-        writer.add_type("model")
-        writer.add_file_type(file_type)
-        writer.add_quantization_version(_QUANTIZATION_VERSION)
-        for key, kind, value in [*metadata, *vocab.items()]:
-            _add(writer, key, kind, value)
-        for t in tensors:
-            writer.add_tensor_info(t.route.gguf_name, _byte_shape(t), np.dtype(np.uint8), t.nbytes, raw_dtype=gguf.GGMLQuantizationType[t.gtype.upper()])
+        writer = gguf_writer(tmp, gguf_arch, settings, settings.name or src.folder.name, [*metadata, *vocab.items()], tensors)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -326,7 +317,25 @@ def export_gguf(src: Checkpoint, dest: Path, settings: GGUFExportConfig, *, forc
     return _report(dest, tensors, requantized, time.perf_counter() - start)
 
 
-def _file_type(settings: GGUFExportConfig, tensors: list[PlannedTensor]) -> str:
+def gguf_writer(path: Path, gguf_arch: str, settings: GGUFExportConfig, name: str, kv: Sequence[tuple[str, str, Any]], tensors: Sequence[PlannedTensor]) -> Any:
+    """A ``gguf.GGUFWriter`` for ``path`` holding the file's metadata (``general.name`` ``name``, the
+    file type, then ``kv``: the architecture's hyperparameters and the vocabulary) and its tensor table,
+    nothing written yet: the export writes through it, the size estimate measures its header."""
+    import gguf
+
+    writer = gguf.GGUFWriter(path, gguf_arch)
+    writer.add_name(name)
+    writer.add_type("model")
+    writer.add_file_type(mixes.MIXES[_file_type(settings, tensors)].ftype)
+    writer.add_quantization_version(_QUANTIZATION_VERSION)
+    for key, kind, value in kv:
+        _add(writer, key, kind, value)
+    for t in tensors:
+        writer.add_tensor_info(t.route.gguf_name, _byte_shape(t), np.dtype(np.uint8), t.nbytes, raw_dtype=gguf.GGMLQuantizationType[t.gtype.upper()])
+    return writer
+
+
+def _file_type(settings: GGUFExportConfig, tensors: Sequence[PlannedTensor]) -> str:
     """The file type recorded in ``general.file_type``: the asked one, or for ``auto`` the most common
     type of the 2-D tensors."""
     if settings.type != "auto":

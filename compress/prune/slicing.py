@@ -8,7 +8,7 @@ layer number, file to file, and tensors outside the layers are copied unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from weightsmith.arch import Arch, HeadLayout
 from weightsmith.checkpoint import Checkpoint, CheckpointWriter
 from weightsmith.errors import WeightsmithError
 
-__all__ = ["Choice", "Plan", "layer_of", "pruned_config", "write_pruned"]
+__all__ = ["Choice", "Plan", "layer_of", "pruned_config", "pruned_tensors", "write_pruned"]
 
 
 @dataclass(frozen=True)
@@ -90,34 +90,39 @@ def _cut(plan: Plan, choice: Choice, index: int, local: str) -> tuple[int, Tenso
     return None
 
 
+def pruned_tensors(src: Checkpoint, plan: Plan, choice: Choice) -> Iterator[tuple[str, str, tuple[int, Tensor, int] | None]]:
+    """Every tensor the pruned checkpoint holds, in the order it is written (``src``'s storage order):
+    (source name, output name, how it is sliced as :func:`_cut` says, None when copied whole). Reads
+    headers only, so the size estimate (:mod:`weightsmith.sizing`) walks the same tensors."""
+    renumber = {old: new for new, old in enumerate(choice.kept_layers)}
+    for name in src.names():
+        where = layer_of(plan.arch, name)
+        if where is None:
+            yield name, name, None
+        elif where[0] in renumber:
+            index, local = where
+            yield name, plan.arch.layer_prefix(renumber[index]) + local, _cut(plan, choice, index, local)
+
+
 def write_pruned(src: Checkpoint, writer: CheckpointWriter, plan: Plan, choice: Choice, progress: Callable[[int, int, str], None] | None = None) -> int:
     """Write ``src`` without what ``choice`` removes, tensor by tensor in storage order; returns the
     number of parameters written."""
-    renumber = {old: new for new, old in enumerate(choice.kept_layers)}
-    names = src.names()
+    tensors = list(pruned_tensors(src, plan, choice))
     written = 0
-    for n, name in enumerate(names):
-        where = layer_of(plan.arch, name)
-        if where is None:
-            writer.copy_from(src, name)
+    for n, (name, new_name, cut) in enumerate(tensors):
+        if cut is None:
+            writer.copy_from(src, name, as_name=new_name)
             written += src.info(name).numel
-        elif where[0] in renumber:
-            index, local = where
-            new_name = plan.arch.layer_prefix(renumber[index]) + local
-            cut = _cut(plan, choice, index, local)
-            if cut is None:
-                writer.copy_from(src, name, as_name=new_name)
-                written += src.info(name).numel
-            else:
-                dim, keep, size = cut
-                info = src.info(name)
-                if len(info.shape) <= dim or info.shape[dim] != size:
-                    raise WeightsmithError(info.file, f"tensor {name!r} has shape {info.shape}; config.json implies {size} along dimension {dim}")
-                sliced = src.get(name).index_select(dim, keep).contiguous()
-                writer.add(new_name, sliced)
-                written += sliced.numel()
+        else:
+            dim, keep, size = cut
+            info = src.info(name)
+            if len(info.shape) <= dim or info.shape[dim] != size:
+                raise WeightsmithError(info.file, f"tensor {name!r} has shape {info.shape}; config.json implies {size} along dimension {dim}")
+            sliced = src.get(name).index_select(dim, keep).contiguous()
+            writer.add(new_name, sliced)
+            written += sliced.numel()
         if progress is not None:
-            progress(n + 1, len(names), "write")
+            progress(n + 1, len(tensors), "write")
     return written
 
 
