@@ -163,6 +163,15 @@ REGISTRY: dict[str, PassDef] = {
             group="export",
         ),
         PassDef(
+            "search",
+            "Budget search: optuna picks per-group bits, group size, method (or GGUF type) for the best model under "
+            "a size budget (60MB, 3.5bpw or gguf:80MB), on one machine or many sharing a study.",
+            "weightsmith.search.config:SearchSettings",
+            "weightsmith.search.run:run",
+            inputs=Inputs.NAMED,
+            settings_file_ref="weightsmith.search.config:SearchSpec",
+        ),
+        PassDef(
             "copy",
             "Copy a checkpoint tensor by tensor: reshard, cast, or turn pickle into safetensors.",
             "weightsmith.copying:CopySettings",
@@ -241,11 +250,12 @@ def run_pass(
         report = spec.run(opened, dest, settings, runtime)
     report.seconds = time.perf_counter() - start
     if spec.output is Output.FOLDER:
-        from weightsmith.checkpoint import Checkpoint
+        if not (report.bytes_written and report.parameters):  # a pass may say (a search's GGUF folder)
+            from weightsmith.checkpoint import Checkpoint
 
-        written = Checkpoint(dest)
-        report.bytes_written = report.bytes_written or written.file_bytes
-        report.parameters = report.parameters or written.num_parameters
+            written = Checkpoint(dest)
+            report.bytes_written = report.bytes_written or written.file_bytes
+            report.parameters = report.parameters or written.num_parameters
     elif not report.bytes_written:
         report.bytes_written = dest.stat().st_size
     return report

@@ -1,0 +1,252 @@
+"""The budget search: the space and its pure trial -> recipe mapping, the proxy, and whole searches on
+a tiny model (budget kept on disk, estimates equal to the bytes written, infeasible trials never run,
+killed searches resume, two workers share a study on SQLite and on a real PostgreSQL server)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from weightsmith.arch import arch_for
+from weightsmith.errors import WeightsmithError
+from weightsmith.passes import settings_from
+from weightsmith.search.config import Budget, SearchSettings
+from weightsmith.search.space import Candidate, Group, depth_bands, group_modules, group_pattern, make_groups, recipe_for
+
+from .conftest import SAMPLE_TEXT, make_tiny_llama
+
+LLAMA = arch_for({"model_type": "llama"})
+CLI = [sys.executable, "-c", "from weightsmith.cli import main; main()"]
+
+
+def test_depth_bands_cover_every_layer_once():
+    assert depth_bands(30, 4) == [(0, 7), (8, 15), (16, 22), (23, 29)]
+    assert depth_bands(2, 4) == [(0, 0), (1, 1)]
+    for n, k in ((7, 3), (30, 1), (5, 5)):
+        bands = depth_bands(n, k)
+        assert [i for a, b in bands for i in range(a, b + 1)] == list(range(n))
+    assert [g.name for g in make_groups(4, 2)] == ["attn.0-1", "mlp.0-1", "attn.2-3", "mlp.2-3"]
+
+
+def test_candidate_names_round_trip():
+    for c in (Candidate("gptq", 4, 64), Candidate("rtn", 3, 128, symmetric=False), Candidate("gptq", 8, -1), Candidate("rtn", gguf_type="q4_k")):
+        assert Candidate.parse(c.name) == c
+    assert Candidate("gptq", 4, 64).name == "gptq-w4g64"
+    assert Candidate("rtn", 3, 32, symmetric=False).name == "rtn-w3ag32"
+    with pytest.raises(ValueError):
+        Candidate.parse("gptq")
+
+
+def test_group_pattern_matches_exactly_its_modules():
+    from compress.targets import matches
+
+    every = [f"model.layers.{i}.{lin}" for i in range(12) for lin in LLAMA.linears]
+    for group in make_groups(12, 3):
+        chosen = [m for m in every if matches(group_pattern(group, LLAMA), m)]
+        assert chosen == sorted(group_modules(group, LLAMA), key=every.index)
+    assert group_modules(Group("attn", 1, 1), LLAMA) == [f"model.layers.1.self_attn.{p}_proj" for p in "qkvo"]
+    assert not matches(group_pattern(Group("mlp", 1, 1), LLAMA), "model.layers.11.mlp.up_proj")
+
+
+def test_recipe_for_is_pure_and_gives_each_group_its_candidate():
+    groups = make_groups(4, 2)
+    cands = [Candidate("gptq", 4, 64), Candidate("rtn", 8, 128), Candidate("gptq", 3, 32), Candidate("gptq", 2, 64)]
+    assignment = {g.name: c for g, c in zip(groups, cands)}
+    steps = recipe_for(assignment, groups, LLAMA, {"samples": 8})
+    assert steps == recipe_for(dict(assignment), groups, LLAMA, {"samples": 8})
+    assert len(steps) == 1 and steps[0]["format"] == "packed"
+    values = dict(steps[0])
+    config = settings_from(values.pop("pass"), values)
+    for group, cand in assignment.items():
+        g = next(x for x in groups if x.name == group)
+        for module in group_modules(g, LLAMA):
+            got = config.settings_for(module)
+            assert (got.method, got.grid.bits, got.grid.group_size) == (cand.method, cand.bits, cand.group_size)
+    gguf = recipe_for({g.name: Candidate("gptq", gguf_type="q4_0") for g in groups}, groups, LLAMA, {}, gguf="q4_k_m")
+    assert [s["pass"] for s in gguf] == ["quantize", "gguf"] and gguf[0]["format"] == "gguf:q4_k_m" and gguf[1]["type"] == "q4_k_m"
+    values = dict(gguf[0])
+    config = settings_from(values.pop("pass"), values)
+    assert config.gguf_type_for("model.layers.3.mlp.down_proj") == "q4_0"
+
+
+def test_budget_parse():
+    assert Budget.parse("60MB") == Budget("bytes", 60e6)
+    assert Budget.parse("3.5bpw") == Budget("bpw", 3.5)
+    assert Budget.parse("gguf:80MB") == Budget("gguf", 80e6)
+    with pytest.raises(ValueError, match="write a size"):
+        Budget.parse("lots")
+    with pytest.raises(WeightsmithError, match="budget"):
+        settings_from("search", {"model": "m", "budget": "lots"})
+
+
+# ---- whole searches on a tiny model -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny4(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("search") / "tiny", layers=4, hidden=64)
+
+
+def spec(tmp_path: Path, model: Path, **extra) -> Path:
+    doc = {
+        "model": str(model),
+        "calib": str(SAMPLE_TEXT),
+        "eval": str(SAMPLE_TEXT),
+        "eval_tokens": 512,
+        "samples": 8,
+        "seq_len": 64,
+        "proxy_tokens": 256,
+        "front": 2,
+        "space": {"depth_groups": 2, "bits": [2, 4, 8], "group_size": [32]},
+        **extra,
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def search_settings(path: Path, **options) -> SearchSettings:
+    values = {**SearchSettings.read_file(path), **options}
+    return settings_from("search", values, path).read_from(path)
+
+
+def uniform_bytes(model: Path, cand: str, tmp_path: Path) -> int:
+    from weightsmith.search.run import Problem
+
+    problem = Problem.open(search_settings(spec(tmp_path, model), budget="1TB"))
+    return problem.size(problem.uniform(Candidate.parse(cand)))[0]
+
+
+def run_search(args: list[str], env_extra: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([*CLI, "search", *args], capture_output=True, text=True, env=env, **kw)
+
+
+def study_trials(storage: str, name: str):
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+
+
+def test_search_keeps_the_budget_on_disk_and_never_runs_infeasible_trials(tmp_path, tiny4, monkeypatch):
+    from weightsmith.passes import run_pass
+    from weightsmith.search import run as search_run
+
+    budget = (uniform_bytes(tiny4, "gptq-w4g32", tmp_path) + uniform_bytes(tiny4, "gptq-w8g32", tmp_path)) // 2
+    scored = []
+    original_kl = search_run.Scorer.kl
+
+    def counting_kl(self, assignment):
+        scored.append({g: c.name for g, c in assignment.items()})
+        return original_kl(self, assignment)
+
+    monkeypatch.setattr(search_run.Scorer, "kl", counting_kl)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    settings = search_settings(spec(tmp_path, tiny4), budget=f"{budget}B", trials=6, storage=storage, study="t1")
+    out = tmp_path / "best"
+    report = run_pass("search", [], out, settings)
+    trials = [t for t in study_trials(storage, "t1") if t.state.name == "COMPLETE"]
+    assert len(trials) == 6
+    feasible = [t for t in trials if t.user_attrs["scored"]]
+    infeasible = [t for t in trials if not t.user_attrs["scored"]]
+    # every scored trial fits, every unscored one does not, and only the scored ones reached the proxy
+    assert all(t.user_attrs["bytes"] <= budget for t in feasible)
+    assert all(t.user_attrs["bytes"] > budget for t in infeasible)
+    assert sorted(json.dumps(t.params, sort_keys=True) for t in feasible) == sorted(json.dumps(p, sort_keys=True) for p in scored)
+    # the output is within budget on disk, and every rebuilt trial's estimate is its size on disk
+    on_disk = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    assert on_disk <= budget and report.bytes_written == on_disk
+    rows = list(csv.DictReader(open(out / "pareto.csv")))
+    rebuilt = [r for r in rows if r["bytes_on_disk"]]
+    assert rebuilt and all(int(r["estimated_bytes"]) == int(r["bytes_on_disk"]) for r in rebuilt)
+    best = json.loads((out / "weightsmith.json").read_text())
+    assert best is not None
+    for name in ("best-recipe.yaml", "report.md", "pareto.png", "sensitivity.json", "sensitivity.png"):
+        assert (out / name).stat().st_size > 0
+    # the best recipe rebuilds the same model
+    recipe = yaml.safe_load((out / "best-recipe.yaml").read_text())
+    assert recipe["model"] == str(tiny4) and recipe["steps"][0]["pass"] == "quantize"
+    sens = json.loads((out / "sensitivity.json").read_text())
+    assert set(sens) == {"attn.0-1", "mlp.0-1", "attn.2-3", "mlp.2-3"}
+    assert all(row["gptq-w2g32"] > row["gptq-w4g32"] > row["gptq-w8g32"] for row in sens.values())
+
+
+def test_gguf_budget_estimate_is_the_file_size(tmp_path, tiny4):
+    from weightsmith.passes import run_pass
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    path = spec(tmp_path, tiny4, space={"depth_groups": 1, "gguf_types": ["q4_0", "q8_0"], "gguf_mix": "q8_0"})
+    settings = search_settings(path, budget="gguf:1GB", trials=3, storage=storage, study="g1")
+    out = tmp_path / "best"
+    run_pass("search", [], out, settings)
+    rows = [r for r in csv.DictReader(open(out / "pareto.csv")) if r["bytes_on_disk"]]
+    assert rows and all(int(r["estimated_bytes"]) == int(r["bytes_on_disk"]) for r in rows)
+    gguf = out / "model.gguf"
+    from gguf import GGUFReader
+
+    types = {t.tensor_type.name for t in GGUFReader(gguf).tensors if ".attn_q." in t.name or ".ffn_down." in t.name}
+    assert types <= {"Q4_0", "Q8_0"} and types
+
+
+def _wait_for(predicate, timeout: float = 300.0) -> None:
+    start = time.time()
+    while not predicate():
+        if time.time() - start > timeout:
+            raise AssertionError("timed out")
+        time.sleep(0.5)
+
+
+def test_killed_search_resumes_the_same_study(tmp_path, tiny4):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    path = spec(tmp_path, tiny4)
+    budget = uniform_bytes(tiny4, "gptq-w8g32", tmp_path)
+    args = [str(path), str(tmp_path / "out"), "--budget", f"{budget}B", "--trials", "8", "--storage", storage, "--study", "k1"]
+    proc = subprocess.Popen([*CLI, "search", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def some_done() -> bool:
+        try:
+            return sum(t.state.name == "COMPLETE" for t in study_trials(storage, "k1")) >= 3
+        except Exception:  # noqa: BLE001 - the study does not exist yet
+            return False
+
+    _wait_for(some_done)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = [t for t in study_trials(storage, "k1") if t.state.name == "COMPLETE"]
+    assert 3 <= len(before) < 8 and not (tmp_path / "out").exists()
+    done = run_search(args)
+    assert done.returncode == 0, done.stderr
+    after = [t for t in study_trials(storage, "k1") if t.state.name == "COMPLETE"]
+    assert len(after) == 8
+    # the first trials are the killed run's, unchanged
+    assert [(t.number, t.params, t.value) for t in after[: len(before)]] == [(t.number, t.params, t.value) for t in before]
+
+
+def _two_workers(tmp_path: Path, model: Path, storage: str, study: str) -> None:
+    path = spec(tmp_path, model)
+    budget = uniform_bytes(model, "gptq-w8g32", tmp_path)
+    done = run_search([str(path), str(tmp_path / "out"), "--budget", f"{budget}B", "--trials", "8", "--storage", storage, "--study", study, "--jobs", "2"])
+    assert done.returncode == 0, done.stderr
+    trials = study_trials(storage, study)
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert len(complete) == 8 and len(trials) == 8
+    assert sorted(t.number for t in trials) == list(range(8))
+    assert {t.user_attrs["worker"] for t in complete} == {0, 1}
+
+
+def test_two_workers_share_one_sqlite_study(tmp_path, tiny4):
+    _two_workers(tmp_path, tiny4, f"sqlite:///{tmp_path / 'study.db'}", "w2")
+
+
+def test_two_workers_share_one_postgresql_study(tmp_path, tiny4, postgres_url):
+    _two_workers(tmp_path, tiny4, postgres_url, "w2pg")

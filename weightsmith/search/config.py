@@ -1,0 +1,171 @@
+"""The settings of the budget search: the spec file's keys (model, texts, space) and the options of
+``weightsmith search SPEC.yaml OUT`` (budget, trials, storage, study, jobs), in one model so that a
+recipe step ``pass: search`` takes the same keys."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from weightsmith.errors import WeightsmithError
+
+DEFAULT_GGUF_TYPES = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0"]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What must fit: ``kind`` bytes (the checkpoint's safetensors), bpw (bits per weight of the
+    quantized linears) or gguf (the GGUF file's bytes), and the limit."""
+
+    kind: Literal["bytes", "bpw", "gguf"]
+    limit: float
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        """``60MB`` | ``3.5bpw`` | ``gguf:80MB``."""
+        from weightsmith.runtime import parse_size
+
+        text = text.strip()
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*bpw", text, flags=re.IGNORECASE)
+        if m:
+            return cls("bpw", float(m[1]))
+        kind = "bytes"
+        if text.lower().startswith("gguf:"):
+            kind, text = "gguf", text[5:]
+        try:
+            return cls(kind, float(parse_size(text)))
+        except WeightsmithError:
+            raise ValueError(f"budget {text!r}: write a size (60MB), bits per weight (3.5bpw) or a GGUF file size (gguf:80MB)") from None
+
+    def describe(self) -> str:
+        if self.kind == "bpw":
+            return f"{self.limit:g} bits per weight"
+        what = "GGUF file" if self.kind == "gguf" else "checkpoint"
+        return f"{what} of at most {self.limit / 1e6:.2f} MB"
+
+
+class Space(BaseModel):
+    """What each group may take. Groups: the attention and the MLP linears of ``depth_groups``
+    contiguous bands of decoder layers."""
+
+    model_config = ConfigDict(extra="forbid")
+    depth_groups: int = Field(4, ge=1, description="Bands of consecutive layers; each band has an attention and an MLP group.")
+    bits: list[int] = Field(default_factory=lambda: [2, 3, 4, 8], description="Bit widths a group may take.")
+    group_size: list[int] = Field(default_factory=lambda: [64, 128], description="Columns per scale a group may take.")
+    method: list[Literal["rtn", "gptq"]] = Field(default_factory=lambda: ["gptq"], description="Methods a group may take.")
+    symmetric: bool = Field(True, description="Symmetric grids (the packed format then loads compressed everywhere).")
+    gguf_types: list[str] = Field(default_factory=lambda: list(DEFAULT_GGUF_TYPES), description="GGUF block types a group may take (GGUF budgets).")
+    gguf_mix: str = Field("q4_k_m", description="GGUF budgets: llama-quantize's mix for the tensors outside the groups (embeddings, output).")
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, value: list[int]) -> list[int]:
+        from compress.config import BITS
+
+        bad = [b for b in value if b not in BITS]
+        if bad or not value:
+            raise ValueError(f"bits must be a non-empty list of {', '.join(map(str, BITS))}, got {value}")
+        return sorted(set(value))
+
+    @field_validator("gguf_types")
+    @classmethod
+    def _types(cls, value: list[str]) -> list[str]:
+        from compress.gguf.mixes import BLOCK, FLOAT_TYPES
+
+        bad = [t for t in value if t not in BLOCK or t in FLOAT_TYPES]
+        if bad or not value:
+            raise ValueError(f"gguf_types must be GGUF block types, got {bad or value}")
+        return value
+
+
+class SearchSpec(BaseModel):
+    """The keys of a search spec file."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(description="Checkpoint folder or hub id to compress.")
+    eval: str | None = Field(None, description="Evaluation text of the final scoring (default: WikiText-2 test from the assets).")
+    eval_tokens: int = Field(20480, ge=2, description="Tokens of the evaluation text the final scoring reads (the pinned protocol's 20480).")
+    calib: str | None = Field(None, description="Calibration text (default: the WikiText-2 calibration split of the assets).")
+    samples: int = Field(64, ge=1, description="Calibration blocks (candidates and rebuilds).")
+    seq_len: int = Field(512, ge=2, description="Tokens per calibration block.")
+    proxy_tokens: int = Field(2048, ge=2, description="Tokens of the KL proxy that scores each trial (the calibration text's last ones).")
+    space: Space = Field(default_factory=Space)
+    front: int = Field(3, ge=1, description="Best trials rebuilt with sequential calibration and scored by the full evaluation.")
+    baselines: list[str] = Field(default_factory=list, description="Uniform candidates (e.g. gptq-w4g64) rebuilt and scored for comparison.")
+    peers: list[dict[str, Any]] = Field(default_factory=list, description="Figures of other tools to mark on the plot: {name, bytes, perplexity}.")
+
+
+class SearchSettings(SearchSpec):
+    """The spec's keys and the command's options."""
+
+    budget: str = Field(description="What must fit: 60MB (checkpoint), 3.5bpw (bits per weight of the quantized linears) or gguf:80MB (GGUF file).")
+    trials: int = Field(40, ge=1, description="Trials in the study (a resumed study counts the ones it has).")
+    storage: str | None = Field(
+        None, description="optuna storage URL (sqlite:///study.db, postgresql+psycopg://...); default: an SQLite file in the cache, so a killed search resumes."
+    )
+    study: str | None = Field(None, description="Study name (default: derived from the model, spec and budget, so the same command resumes it).")
+    jobs: int = Field(1, ge=1, description="Worker processes on this machine sharing the study.")
+
+    _source: Path | None = None
+
+    @field_validator("budget")
+    @classmethod
+    def _budget(cls, value: str) -> str:
+        Budget.parse(value)
+        return value
+
+    @model_validator(mode="after")
+    def _baselines(self) -> SearchSettings:
+        from weightsmith.search.space import Candidate
+
+        for name in self.baselines:
+            try:
+                Candidate.parse(name)
+            except ValueError as exc:
+                raise ValueError(f"baselines: {exc}") from None
+        return self
+
+    @property
+    def budget_value(self) -> Budget:
+        return Budget.parse(self.budget)
+
+    @classmethod
+    def read_file(cls, path: Path) -> dict[str, Any]:
+        """The mapping a spec file holds, or a one-line error naming the file."""
+        try:
+            doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise WeightsmithError(path, "no such file") from None
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise WeightsmithError(path, f"not a readable YAML file: {str(exc).splitlines()[0]}") from None
+        if not isinstance(doc, dict):
+            raise WeightsmithError(path, "a search spec is a YAML mapping (model, space, ...)")
+        return doc
+
+    def read_from(self, path: Path | None) -> SearchSettings:
+        """These settings, with relative paths found beside the spec file ``path``."""
+        self._source = path
+        return self
+
+    def resolve_path(self, value: str | None) -> str | None:
+        """A path the spec names, relative to the spec file when it does not exist as given."""
+        if value is None or self._source is None or Path(value).is_absolute() or Path(value).exists():
+            return value
+        beside = self._source.parent / value
+        return str(beside) if beside.exists() else value
+
+    def study_name(self, model_key: str) -> str:
+        """The study this search adds to: ``study``, else one derived from what decides the trials."""
+        if self.study:
+            return self.study
+        keys = self.model_dump(mode="json", exclude={"trials", "storage", "study", "jobs", "front", "baselines", "peers", "eval", "eval_tokens"})
+        keys["model"] = model_key
+        digest = hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]
+        return f"weightsmith-{Path(self.model).name}-{self.budget.replace(':', '-')}-{digest}"

@@ -1,0 +1,207 @@
+"""Cheap trials: every group quantized once per candidate and cached, a trial scored by assembling the
+cached weights into one loaded model and measuring its KL divergence to the original on a few
+thousand tokens.
+
+The candidates are computed from the *original* model's inputs (one calibration forward collects the
+input Hessian of every linear), not sequentially as the quantize pass does, so that a group's
+quantized weights do not depend on the other groups' choices and can be reused by every trial. The
+search rebuilds its best trials with the real passes (sequential calibration) before it reports them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from weightsmith.calibkit import accumulate_hessian
+from weightsmith.search.space import Candidate, Group, group_modules
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """How candidates are computed and trials scored (part of the cache key)."""
+
+    samples: int = 64
+    seq_len: int = 512
+    batch_size: int = 4
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    #: tokens of the KL proxy, in windows of ``ctx``
+    tokens: int = 2048
+    ctx: int = 512
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def candidate_weight(w: Tensor, hessian: Tensor | None, cand: Candidate, settings: ProxySettings) -> Tensor:
+    """``w`` ``[out, in]`` quantized as ``cand`` says and dequantized, in ``w``'s dtype: RTN on the grid,
+    or GPTQ given the input Hessian (as the quantize pass computes each, without its sequential
+    propagation)."""
+    from compress.gguf.calibrated import GGUFGrid, gptq_gguf
+    from compress.gptq import gptq_quantize
+    from compress.grid import QuantGrid
+    from compress.quantize import _rtn, dequantized
+
+    grid = GGUFGrid(cand.gguf_type) if cand.gguf_type else QuantGrid(bits=cand.bits, symmetric=cand.symmetric, group_size=cand.group_size)
+    if cand.method == "rtn" or hessian is None:
+        q = _rtn(w, grid, False, w.dtype)
+    elif isinstance(grid, GGUFGrid):
+        q, _ = gptq_gguf(w.float(), hessian, grid, damp=settings.damp, block_size=settings.block_size, importance=torch.diagonal(hessian), act_order=settings.act_order)
+    else:
+        q, _ = gptq_quantize(w.float(), hessian, grid, damp=settings.damp, block_size=settings.block_size, act_order=settings.act_order)
+    return dequantized(q).to(w.dtype)
+
+
+@torch.inference_mode()
+def collect_hessians(model: torch.nn.Module, modules: Sequence[str], batches: Sequence[Tensor], progress: Progress | None = None) -> dict[str, Tensor]:
+    """The input Hessian ``2/n X^T X`` of each linear in ``modules`` over the calibration ``batches``
+    (each ``[b, seq]`` token ids) run through the whole original ``model``. Linears that read the very
+    same input tensor (q/k/v, gate/up) share one Hessian object, computed once."""
+    hessians: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+    owner: dict[str, str] = {}
+    seen: dict[tuple[int, tuple[int, ...]], str] = {}
+
+    def hook(name: str):
+        def record(_module: torch.nn.Module, args: tuple) -> None:
+            x = args[0]
+            key = (x.data_ptr(), tuple(x.shape))
+            first = seen.setdefault(key, name)
+            if first != name:
+                owner[name] = first
+                return
+            hessians[name], counts[name] = accumulate_hessian(hessians.get(name), x.detach().float(), counts.get(name, 0))
+
+        return record
+
+    handles = [model.get_submodule(m).register_forward_pre_hook(hook(m)) for m in modules]
+    try:
+        for i, batch in enumerate(batches):
+            seen.clear()
+            model(batch, use_cache=False)
+            if progress is not None:
+                progress(i + 1, len(batches), "input Hessians")
+    finally:
+        for h in handles:
+            h.remove()
+    for name, first in owner.items():
+        hessians[name] = hessians[first]
+    return hessians
+
+
+class CandidateCache:
+    """Each (group, candidate)'s quantized weights, computed once and kept on disk (safetensors, one
+    file per pair) so that every trial, every worker process and a resumed search reuse them."""
+
+    def __init__(self, folder: Path, weights: Callable[[str], Tensor], hessians: Callable[[], Mapping[str, Tensor]], settings: ProxySettings, arch) -> None:
+        self.folder = folder
+        self.weights = weights
+        self.hessians = hessians
+        self.settings = settings
+        self.arch = arch
+
+    def path(self, group: Group, cand: Candidate) -> Path:
+        return self.folder / cand.name / f"{group.name}.safetensors"
+
+    def get(self, group: Group, cand: Candidate) -> dict[str, Tensor]:
+        """Module name -> quantized-and-dequantized weight, for every module of ``group``."""
+        from filelock import FileLock
+        from safetensors.torch import load_file, save_file
+
+        path = self.path(group, cand)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(path) + ".lock"):
+                if not path.exists():
+                    needs_h = cand.method != "rtn"
+                    H = self.hessians() if needs_h else {}
+                    out = {m: candidate_weight(self.weights(m), H.get(m), cand, self.settings).contiguous() for m in group_modules(group, self.arch)}
+                    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                    save_file(out, str(tmp))
+                    os.replace(tmp, path)
+                    log.info("candidate %s for %s computed", cand.name, group.name)
+        return load_file(str(path))
+
+
+class ProxyScorer:
+    """The original model loaded once, its next-token logits on the proxy tokens kept, and the KL
+    divergence of the model with some linears replaced, measured on the same windows."""
+
+    def __init__(self, model: torch.nn.Module, tokens: Tensor, ctx: int, bos: int | None) -> None:
+        from weightsmith.data import with_bos
+        from weightsmith.evaluate import window_spans
+
+        self.model = model
+        self.windows = [tokens[a:b] for a, b in window_spans(tokens.numel(), ctx)]
+        self.inputs = [with_bos(ids, bos)[None] for ids in self.windows]
+        self.original: dict[str, Tensor] = {}
+        with torch.inference_mode():
+            self.reference = [model(x, use_cache=False).logits[0].float() for x in self.inputs]
+
+    def _param(self, module: str) -> torch.nn.Parameter:
+        return self.model.get_submodule(module).weight
+
+    def assign(self, weights: Mapping[str, Tensor]) -> None:
+        """Put ``weights`` into their modules (the originals are kept to restore)."""
+        with torch.no_grad():
+            for name, w in weights.items():
+                p = self._param(name)
+                if name not in self.original:
+                    self.original[name] = p.detach().clone()
+                p.copy_(w.to(p.dtype))
+
+    def restore(self, keep: Sequence[str] = ()) -> None:
+        """Every replaced module back to its original weight, except those in ``keep``."""
+        with torch.no_grad():
+            for name in [n for n in self.original if n not in set(keep)]:
+                self._param(name).copy_(self.original.pop(name))
+
+    @torch.inference_mode()
+    def kl(self) -> float:
+        """Mean KL(original || current) per scored position over the proxy windows."""
+        from weightsmith.evaluate import WindowSums, window_sums
+
+        total = WindowSums()
+        for ids, x, ref in zip(self.windows, self.inputs, self.reference):
+            total.add(window_sums(self.model(x, use_cache=False).logits[0].float(), ids, ref))
+        return total.kl / max(total.positions, 1)
+
+    def score(self, parts: Mapping[str, Mapping[str, Tensor]]) -> float:
+        """KL with each group's modules replaced by its weights (``parts``: group -> module -> weight);
+        modules named by no part are restored first."""
+        merged = {m: w for part in parts.values() for m, w in part.items()}
+        self.restore(keep=list(merged))
+        self.assign(merged)
+        return self.kl()
+
+
+def sensitivity(
+    scorer: ProxyScorer, cache: CandidateCache, groups: Sequence[Group], candidates: Sequence[Candidate], progress: Progress | None = None
+) -> dict[str, dict[str, float]]:
+    """KL to the original when only one group is compressed to one candidate, the rest left as they
+    are: group name -> candidate name -> KL. "Where the bits matter": the groups whose KL climbs
+    fastest as their bits drop."""
+    table: dict[str, dict[str, float]] = {}
+    total, done = len(groups) * len(candidates), 0
+    for g in groups:
+        for c in candidates:
+            table.setdefault(g.name, {})[c.name] = scorer.score({g.name: cache.get(g, c)})
+            done += 1
+            if progress is not None:
+                progress(done, total, f"sensitivity {g.name} {c.name}")
+    scorer.restore()
+    return table

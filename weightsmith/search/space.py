@@ -1,0 +1,134 @@
+"""The search space: layer groups, the candidate settings a group can take, and the one pure function
+that turns a trial's choices into a recipe.
+
+A *group* is the attention or the MLP linears of a band of consecutive decoder layers (``attn.0-7``,
+``mlp.8-15``, ...). A *candidate* is what one group gets: a method and an integer grid (``gptq-w4g64``)
+or, when the target is a GGUF file, a method and a llama.cpp block type (``gptq-q4_k``). A trial picks
+one candidate per group; :func:`recipe_for` writes the recipe that builds that model with the real
+passes, so what the search scores is what ``weightsmith run`` rebuilds.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from weightsmith.arch import Arch
+
+#: The linear-name fragments that mark an attention linear; every other decoder linear is MLP.
+ATTENTION_MARKS = ("attn", "attention")
+KINDS = ("attn", "mlp")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One group's setting: ``method`` with an integer grid (``bits``, ``group_size``, ``symmetric``)
+    or with a GGUF block type (``gguf_type``)."""
+
+    method: str
+    bits: int | None = None
+    group_size: int | None = None
+    symmetric: bool = True
+    gguf_type: str | None = None
+
+    @property
+    def name(self) -> str:
+        if self.gguf_type is not None:
+            return f"{self.method}-{self.gguf_type}"
+        sym = "" if self.symmetric else "a"
+        return f"{self.method}-w{self.bits}{sym}g{self.group_size}"
+
+    @classmethod
+    def parse(cls, name: str) -> Candidate:
+        """The inverse of :attr:`name`."""
+        method, _, grid = name.partition("-")
+        m = re.fullmatch(r"w(\d+)(a?)g(-?\d+)", grid)
+        if m:
+            return cls(method, bits=int(m[1]), group_size=int(m[3]), symmetric=not m[2])
+        if not grid:
+            raise ValueError(f"not a candidate name: {name!r}")
+        return cls(method, gguf_type=grid)
+
+    def override(self) -> dict[str, Any]:
+        """This candidate as the fields of a quantize override."""
+        if self.gguf_type is not None:
+            return {"method": self.method, "gguf_type": self.gguf_type}
+        return {"method": self.method, "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+
+
+@dataclass(frozen=True)
+class Group:
+    """The ``kind`` (attn or mlp) linears of decoder layers ``first`` .. ``last`` (inclusive)."""
+
+    kind: str
+    first: int
+    last: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}.{self.first}-{self.last}"
+
+    def layers(self) -> range:
+        return range(self.first, self.last + 1)
+
+
+def linear_kind(linear: str) -> str:
+    """``self_attn.q_proj`` -> attn, ``mlp.down_proj`` -> mlp."""
+    return "attn" if any(mark in linear for mark in ATTENTION_MARKS) else "mlp"
+
+
+def depth_bands(n_layers: int, n_bands: int) -> list[tuple[int, int]]:
+    """``n_layers`` split into ``n_bands`` contiguous bands as even as possible (earlier bands take the
+    remainder), as (first, last) pairs."""
+    n_bands = max(1, min(n_bands, n_layers))
+    base, extra = divmod(n_layers, n_bands)
+    bands, start = [], 0
+    for i in range(n_bands):
+        size = base + (1 if i < extra else 0)
+        bands.append((start, start + size - 1))
+        start += size
+    return bands
+
+
+def make_groups(n_layers: int, n_bands: int) -> list[Group]:
+    """Attention and MLP groups for each depth band, band by band."""
+    return [Group(kind, a, b) for a, b in depth_bands(n_layers, n_bands) for kind in KINDS]
+
+
+def group_modules(group: Group, arch: Arch) -> list[str]:
+    """The module names (``model.layers.3.mlp.up_proj``) a group holds."""
+    return [f"{arch.layer_prefix(i)}{lin}" for i in group.layers() for lin in arch.linears if linear_kind(lin) == group.kind]
+
+
+def group_pattern(group: Group, arch: Arch) -> str:
+    """A ``re:`` target pattern matching exactly the group's modules."""
+    lins = "|".join(re.escape(lin) for lin in arch.linears if linear_kind(lin) == group.kind)
+    layers = "|".join(str(i) for i in group.layers())
+    return f"re:{re.escape(arch.layers)}\\.({layers})\\.({lins})"
+
+
+def recipe_for(
+    assignment: Mapping[str, Candidate],
+    groups: Sequence[Group],
+    arch: Arch,
+    quantize: Mapping[str, Any],
+    gguf: str | None = None,
+) -> list[dict[str, Any]]:
+    """The recipe steps that build the model a trial describes: one quantize step whose overrides give
+    each group its candidate (``quantize`` holds the shared settings: calibration, damp, ...), packed
+    so that the bits show in the file, and with
+    ``gguf`` (a llama.cpp mix for the tensors outside the groups, e.g. ``q4_k_m``) the quantize step
+    chooses codes on the GGUF grids and a last step exports the file. Pure: same inputs, same steps."""
+    first = assignment[groups[0].name]
+    step: dict[str, Any] = {"pass": "quantize", **quantize, "method": first.method}
+    if gguf is not None:
+        step["format"] = f"gguf:{gguf}"
+    else:
+        step.update(bits=first.bits, group_size=first.group_size, symmetric=first.symmetric, format="packed")
+    step["overrides"] = [{"match": group_pattern(g, arch), **assignment[g.name].override()} for g in groups]
+    steps = [step]
+    if gguf is not None:
+        steps.append({"pass": "gguf", "type": gguf})
+    return steps
