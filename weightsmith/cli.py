@@ -310,24 +310,101 @@ def demo_cmd(
         compare(folder, converted, text, max_tokens, title=f"{title} ({dest.name} dequantized)")
 
 
-def run_steps(steps, model: Path | None, dest: Path, force: bool = False, runtime=None) -> list:
-    """Run recipe steps with a progress display; returns each step's report."""
-    from weightsmith.recipe import run_recipe
+def run_steps(recipe, models, dest: Path, force: bool = False, runtime=None, *, use_cache: bool = True, eval_text: Path | None = None) -> list:
+    """Run a recipe (or a list of steps) on ``models`` with progress on stderr (a line per step, and
+    the pass's own progress), then print the closing table: one row per input model and per step,
+    with perplexity when there is an evaluation text (``eval_text``, else the recipe's). Returns
+    each step's :class:`~weightsmith.recipe.StepResult`."""
+    from weightsmith.recipe import Recipe, StepEvent, evaluate_steps, recipe_inputs, run_recipe
     from weightsmith.runtime import Runtime
 
+    recipe = recipe if isinstance(recipe, Recipe) else Recipe(list(recipe))
     runtime = (runtime or Runtime()).with_(force=force or (runtime.force if runtime else False))
     start = time.perf_counter()
     with progress_bar() as bar:
-        task = bar.add_task("recipe", total=len(steps))
+        task: Any = None
+        label = ""
 
-        def on_step(i: int, name: str) -> None:
-            bar.update(task, completed=i - 1, description=f"step {i}/{len(steps)}: {name}")
+        def progress(done: int, total: int, what: str) -> None:
+            if task is not None:
+                bar.update(task, completed=done, total=total, description=f"{label}: {what}")
 
-        reports = run_recipe(steps, model, dest, runtime.with_(progress=None), on_step=on_step)
-    for i, ((name, _), report) in enumerate(zip(steps, reports), start=1):
-        out.print(pass_table([report], [f"step {i}: {name}"], title=report.title or name))
+        def on_step(event: StepEvent) -> None:
+            nonlocal task, label
+            label = f"step {event.index}/{event.total} {event.pass_name}"
+            if event.state == "running":
+                err.print(f"{label}: running", highlight=False)
+                task = bar.add_task(label, total=None)
+            elif event.state == "done":
+                bar.update(task, visible=False)
+                task = None
+                err.print(f"{label}: done in {event.seconds:.1f} s", highlight=False)
+            else:
+                err.print(f"{label}: cached", highlight=False)
+
+        results = run_recipe(recipe, models, dest, runtime.with_(progress=progress), use_cache=use_cache, eval_text=eval_text, on_step=on_step)
+    inputs = recipe_inputs(recipe, models)
+    text = eval_text or recipe.eval
+    evals = None
+    if text is not None:
+        with progress_bar() as bar:
+            task = bar.add_task("evaluating the input and every step (windows)", total=None)
+            evals = evaluate_steps([m.folder for m in inputs], results, text, recipe.eval_tokens, runtime.workdir, lambda i, n: bar.update(task, completed=i, total=n))
+    title = f"recipe {recipe.path.name}" if recipe.path is not None else "recipe"
+    # written to a file or a pipe, the table keeps its columns rather than wrapping at 80 characters
+    wide = out if out.is_terminal else Console(file=out.file, width=120)
+    wide.print(recipe_table(inputs, results, evals, title))
     out.print(f"wrote {dest} in {time.perf_counter() - start:.1f} s", highlight=False)
-    return reports
+    return results
+
+
+def recipe_table(inputs: list, results: list, evals: list | None, title: str) -> Table:
+    """The closing table of a recipe: the input models, then each step: size, logical parameters,
+    bits per weight of the quantized linears, sparsity, time ("cached" when reused) and, with
+    ``evals`` (one evaluation report per row), perplexity, KL and top-1 agreement to the first input."""
+    from weightsmith.checkpoint import Checkpoint
+
+    from rich import box
+
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    columns = ["step", "size", "params", "bits/w", "sparsity", "time"]
+    if evals is not None:
+        columns += ["ppl", "KL", "top-1"]
+    for col in columns:
+        table.add_column(col, justify="left" if col == "step" else "right", no_wrap=col == "step")
+    rows = []
+    for i, model in enumerate(inputs, start=1):
+        checkpoint = Checkpoint(model.folder)
+        name = "input" if len(inputs) == 1 else f"input {i}"
+        rows.append([name, human_bytes(checkpoint.file_bytes), f"{checkpoint.num_parameters:,}", "-", "-", "-"])
+    for result in results:
+        r = result.report
+        rows.append(
+            [
+                f"{result.index} {result.pass_name}",
+                human_bytes(r.bytes_written),
+                f"{r.parameters:,}",
+                "-" if r.bits_per_weight is None else f"{r.bits_per_weight:.3f}",
+                "-" if r.sparsity is None else f"{100 * r.sparsity:.1f}%",
+                "cached" if result.cached else f"{r.seconds:.1f} s",
+            ]
+        )
+    for row, report in zip(rows, evals or [None] * len(rows)):
+        if report is not None:
+            row += [
+                f"{report.perplexity:.3f}",
+                "-" if report.kl is None else f"{report.kl:.4f}",
+                "-" if report.top1_agreement is None else f"{100 * report.top1_agreement:.1f}%",
+            ]
+        table.add_row(*row)
+    if evals:
+        first = evals[0]
+        table.caption = (
+            f"bits/w: bits per weight of the quantized linears; ppl: perplexity on {first.positions + first.windows:,} tokens of "
+            f"{Path(first.text).name} ({first.positions:,} scored); KL and top-1 agreement to the {'input' if len(inputs) == 1 else 'first input'}; "
+            f"protocol: {first.protocol}"
+        )
+    return table
 
 
 def compare(before: Path, after: Path, text: Path, max_tokens: int, title: str) -> None:
@@ -352,11 +429,19 @@ def compare(before: Path, after: Path, text: Path, max_tokens: int, title: str) 
 
 @command("run")
 def run_cmd(
-    recipe: Annotated[str, typer.Argument(metavar="RECIPE", help="Recipe YAML file, or the name of a preset (see `weightsmith presets`).")],
-    model: Annotated[str | None, typer.Argument(metavar="[MODEL]", help="Input checkpoint folder or hub id (default: the recipe's `model`).")] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", "-o", metavar="OUT", help="Checkpoint folder to write.")] = None,
-    eval_text: Annotated[Path | None, typer.Option("--eval", metavar="TEXT", help="Evaluate before and after on this text (pinned protocol).")] = None,
-    workdir: Annotated[Path | None, typer.Option("--workdir", metavar="DIR", help="Folder for the intermediate outputs (default: the system's temporary folder).")] = None,
+    recipe: Annotated[str, typer.Argument(metavar="RECIPE", help="Recipe YAML file, preset:NAME, or a preset's name (see `weightsmith presets`).")],
+    out_path: Annotated[Path, typer.Argument(metavar="OUT", help="Checkpoint folder to write (a file when the recipe ends in a GGUF export).")],
+    models: Annotated[
+        list[str] | None,
+        typer.Option("--model", "-m", metavar="MODEL", help="Input checkpoint folder or hub id; repeat it for recipes that merge several (default: the recipe's `model`)."),
+    ] = None,
+    eval_text: Annotated[
+        Path | None, typer.Option("--eval", metavar="TEXT", help="Perplexity of the input and of every step on this text (default: the recipe's `eval`).")
+    ] = None,
+    workdir: Annotated[
+        Path | None, typer.Option("--workdir", metavar="DIR", help="Folder of the step cache (default: ~/.cache/weightsmith/recipes).")
+    ] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", metavar="", help="Run every step again, even when its output is cached (the cache is still written).")] = False,
     device: RuntimeDevice = "cpu",
     threads: RuntimeThreads = None,
     seed: RuntimeSeed = 0,
@@ -364,20 +449,14 @@ def run_cmd(
     force: Force = False,
     allow_pickle: AllowPickle = False,
 ) -> None:
-    """Run a recipe: its steps in order, each step's output feeding the next."""
-    from weightsmith.models import resolve
-    from weightsmith.recipe import load_recipe, preset_path, recipe_model
+    """Run a recipe: its steps in order, each step's output feeding the next, finished steps
+    reused from the step cache; the resolved recipe is saved beside the output."""
+    from weightsmith.recipe import find_recipe, read_recipe
 
-    path = Path(recipe) if Path(recipe).exists() else preset_path(recipe)
-    steps = load_recipe(path)
-    spec = model or recipe_model(path)
-    if out_dir is None:
-        raise WeightsmithError(None, "pass --out OUT, the checkpoint folder to write")
+    path = find_recipe(recipe)
+    parsed = read_recipe(path)
     runtime = make_runtime(device, threads, seed, max_shard_size, force, allow_pickle, workdir=workdir)
-    src = resolve(spec) if spec is not None else None
-    run_steps(steps, src, out_dir, runtime=runtime)
-    if eval_text is not None and src is not None:
-        compare(src, out_dir, eval_text, 20480, title=f"pinned protocol on {eval_text}")
+    run_steps(parsed, models or None, out_path, runtime=runtime, use_cache=not no_cache, eval_text=eval_text)
 
 
 @command("presets")
@@ -397,6 +476,51 @@ def presets_cmd() -> None:
         steps = " → ".join(str(step.get("pass")) for step in doc.get("steps", []) if isinstance(step, dict))
         table.add_row(path.stem, steps, first)
     out.print(table)
+
+
+@command("sensitivity")
+def sensitivity_cmd(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Checkpoint folder or hub id.")],
+    spec: Annotated[Path | None, typer.Option("--spec", metavar="SPEC", help="A search spec whose space, calibration and proxy settings to use.")] = None,
+    gguf: Annotated[bool, typer.Option("--gguf", help="Candidates are GGUF block types (the space's gguf_types), as for a gguf: budget.")] = False,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Folder for sensitivity.json and the heat-map sensitivity.png.")] = Path("."),
+    threads: RuntimeThreads = None,
+    seed: RuntimeSeed = 0,
+) -> None:
+    """Where the bits matter: the KL to the original when only one layer group is compressed to each
+    candidate (the table the budget search measures first and seeds its sampler with)."""
+    from weightsmith.search.config import SearchSettings
+    from weightsmith.search.report import write_sensitivity
+    from weightsmith.search.run import Problem, Scorer
+
+    values = SearchSettings.read_file(spec) if spec is not None else {}
+    values = {**values, "model": model, "budget": "gguf:1TB" if gguf else "1TB"}
+    settings = settings_from_file("search", values, spec)
+    runtime = make_runtime("cpu", threads, seed, "2GB", False, False)
+    with runtime.applied(), progress_bar() as bar:
+        task = bar.add_task("sensitivity", total=None)
+        problem = Problem.open(settings)
+        scorer = Scorer(problem, runtime, progress=lambda done, total, what: bar.update(task, completed=done, total=total, description=what))
+        sens = scorer.sensitivity()
+    cands = list(next(iter(sens.values())))
+    table = Table("group", *cands, title=f"KL to the original, one group compressed ({problem.settings.proxy_tokens} tokens)")
+    for group, row in sens.items():
+        table.add_row(group, *(f"{row[c]:.4g}" for c in cands))
+    out.print(table)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_sensitivity(out_dir, sens, f"where the bits matter: {Path(model).name}")
+    out.print(f"wrote {out_dir / 'sensitivity.json'} and {out_dir / 'sensitivity.png'}", highlight=False)
+
+
+def settings_from_file(name: str, values: dict, where: Path | None):
+    """A pass's settings from a file's values, marked as read from that file (relative paths beside it)."""
+    from weightsmith.passes import settings_from
+
+    settings = settings_from(name, values, where)
+    read_from = getattr(settings, "read_from", None)
+    if read_from is not None and where is not None:
+        read_from(where)
+    return settings
 
 
 def make_runtime(device: str, threads: int | None, seed: int, max_shard_size: str, force: bool, allow_pickle: bool, workdir: Path | None = None, progress=None):
@@ -454,7 +578,7 @@ def _pass_handler(spec, opts):
             from merge.config import read_config_file
 
             where = Path(kw["config"])
-            values = {**read_config_file(where), **values}
+            values = {**getattr(file_model, "read_file", read_config_file)(where), **values}
         settings = settings_from(spec.name, values, where)
         if where is not None:
             settings.read_from(where)
