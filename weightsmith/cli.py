@@ -308,6 +308,7 @@ def demo_cmd(
         with status(err, f"reading {dest.name} back (dequantized, float32) to evaluate it"):
             converted = convert_gguf(dest, Path(work) / dest.stem, dtype=torch.float32)
         compare(folder, converted, text, max_tokens, title=f"{title} ({dest.name} dequantized)")
+    out.print(f"{dest.name}: {human_bytes(dest.stat().st_size)} (the table's size is that of its float32 reading)", highlight=False)
 
 
 def run_steps(recipe, models, dest: Path, force: bool = False, runtime=None, *, use_cache: bool = True, eval_text: Path | None = None) -> list:
