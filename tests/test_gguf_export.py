@@ -302,12 +302,12 @@ def test_recipe_ends_in_a_gguf_file_and_refuses_one_in_the_middle(cli, tiny_llam
     recipe = tmp_path / "r.yml"
     recipe.write_text("steps:\n  - pass: quantize\n    method: rtn\n    bits: 8\n    group_size: 32\n    format: packed\n  - pass: gguf\n")
     out = tmp_path / "m.gguf"
-    result = cli("run", recipe, tiny_llama, "-o", out)
+    result = cli("run", recipe, out, "--model", tiny_llama)
     assert result.exit_code == 0, result.output
     reader = _reader(out)
     assert {t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.") and t.name.endswith("attn_q.weight")} == {"Q8_0"}
     recipe.write_text("steps:\n  - pass: gguf\n  - pass: copy\n")
-    result = cli("run", recipe, tiny_llama, "-o", tmp_path / "x")
+    result = cli("run", recipe, tmp_path / "x", "--model", tiny_llama)
     assert result.exit_code == 2 and "step 1 (gguf) writes a single file" in result.output
 
 

@@ -60,7 +60,7 @@ def test_two_steps_chain_and_record_lineage(tmp_path, tiny_llama, cli):
         "steps:\n  - pass: quantize\n    method: rtn\n    bits: 8\n    group_size: 16\n"
         "  - pass: quantize\n    method: rtn\n    bits: 4\n    group_size: 16\n    format: packed\n",
     )
-    result = cli("run", path, tiny_llama, "--out", tmp_path / "out")
+    result = cli("run", path, tmp_path / "out", "--model", tiny_llama)
     assert result.exit_code == 0, result.output
     out = Checkpoint(tmp_path / "out")
     assert out.config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] == 4
@@ -68,7 +68,7 @@ def test_two_steps_chain_and_record_lineage(tmp_path, tiny_llama, cli):
     assert record["parameters"]["bits"] == 4
     assert record["inputs"][0]["parent"]["parameters"]["bits"] == 8  # the first step's record, kept as parent
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
-    again = cli("run", path, tiny_llama, "--out", tmp_path / "out")
+    again = cli("run", path, tmp_path / "out", "--model", tiny_llama)
     assert again.exit_code == 2 and "already exists; pass --force" in again.stderr
 
 
@@ -84,7 +84,7 @@ def test_merge_then_quantize(tmp_path, cli):
     path = write(tmp_path, "steps:\n" + merge_step + "  - pass: quantize\n    method: rtn\n    bits: 8\n    group_size: 16\n    symmetric: false\n")
     steps = load_recipe(path)
     assert [name for name, _ in steps] == ["merge", "quantize"]
-    result = cli("run", path, "--out", tmp_path / "out")
+    result = cli("run", path, tmp_path / "out")
     assert result.exit_code == 0, result.output
     out, ca, cb = Checkpoint(tmp_path / "out"), Checkpoint(a), Checkpoint(b)
     mean = (ca.get("model.norm.weight") + cb.get("model.norm.weight")) / 2
@@ -92,7 +92,7 @@ def test_merge_then_quantize(tmp_path, cli):
     # the linears are the 8-bit, group-16 round to nearest of the merged weights: the merge alone
     # gives those weights exactly
     (tmp_path / "merge-only").mkdir()
-    assert cli("run", write(tmp_path / "merge-only", "steps:\n" + merge_step), "--out", tmp_path / "merged").exit_code == 0
+    assert cli("run", write(tmp_path / "merge-only", "steps:\n" + merge_step), tmp_path / "merged").exit_code == 0
     merged = Checkpoint(tmp_path / "merged")
     assert torch.equal(out.get("model.norm.weight"), merged.get("model.norm.weight"))
     grid = QuantGrid(bits=8, symmetric=False, group_size=16)
