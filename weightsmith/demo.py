@@ -54,8 +54,12 @@ def fetch_demo_model(cache: Path | None = None) -> Path:
     return folder
 
 
+#: The evaluation text of the pinned protocol, in the shared assets.
+EVAL_ASSET = "text/wikitext2-test.raw"
+
+
 def demo_text() -> Path:
     """WikiText-2 test from the shared assets when present, else the short sample bundled with us."""
     from weightsmith.paths import asset
 
-    return asset("text/wikitext2-test.raw") or Path(__file__).parent / "data" / "sample.txt"
+    return asset(EVAL_ASSET) or Path(__file__).parent / "data" / "sample.txt"

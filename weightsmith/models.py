@@ -63,9 +63,12 @@ def load_model(folder: Path, dtype: torch.dtype | None = None, device: str = "cp
     dtype = torch.float32 if dtype is None else dtype
 
     extra = {}
-    if _quant_method(folder) == "compressed-tensors":
-        # Packed checkpoints are decompressed to dense weights on load: compressed-tensors 0.20 cannot
-        # load asymmetric pack-quantized weights compressed (its zero-point placeholder is unpacked).
+    if _quant_method(folder) == "compressed-tensors" and not _all_symmetric(folder):
+        # Asymmetric packed checkpoints are decompressed to dense weights on load: compressed-tensors
+        # 0.20 cannot load asymmetric pack-quantized weights compressed (its zero-point placeholder is
+        # unpacked). Symmetric ones load compressed and are decompressed module by module with each
+        # module's own scheme; transformers' dequantize-on-load path applies the first config group's
+        # scheme to every module, which breaks mixed-precision checkpoints (a budget search's).
         from transformers import CompressedTensorsConfig
 
         extra["quantization_config"] = CompressedTensorsConfig(dequantize=True)
@@ -77,15 +80,25 @@ def load_model(folder: Path, dtype: torch.dtype | None = None, device: str = "cp
     return model.to(device).eval()
 
 
-def _quant_method(folder: Path) -> str | None:
+def _quantization_config(folder: Path) -> dict:
     import json
 
     try:
         config = json.loads((Path(folder) / "config.json").read_text())
     except (OSError, ValueError):
-        return None
+        return {}
     quant = config.get("quantization_config") if isinstance(config, dict) else None
-    return quant.get("quant_method") if isinstance(quant, dict) else None
+    return quant if isinstance(quant, dict) else {}
+
+
+def _quant_method(folder: Path) -> str | None:
+    return _quantization_config(folder).get("quant_method")
+
+
+def _all_symmetric(folder: Path) -> bool:
+    """Whether every config group of a compressed-tensors checkpoint quantizes its weights symmetrically."""
+    groups = _quantization_config(folder).get("config_groups") or {}
+    return all(isinstance(g, dict) and (g.get("weights") or {}).get("symmetric", True) is True for g in groups.values())
 
 
 def load_tokenizer(folder: Path):

@@ -45,7 +45,7 @@ def write_sensitivity(folder: Path, sens: Mapping[str, Mapping[str, float]], tit
     plt.close(fig)
 
 
-def write_outputs(folder: Path, problem, study, trials: Sequence, front: Sequence, built: Sequence, best, sens, seconds: float) -> None:
+def write_outputs(folder: Path, problem, study, trials: Sequence, front: Sequence, built: Sequence, best, sens, timings: Mapping[str, float]) -> None:
     """Every file of a finished search into ``folder``."""
     from weightsmith.search.run import BPW, SCORED, SIZE, best_recipe
 
@@ -74,9 +74,12 @@ def write_outputs(folder: Path, problem, study, trials: Sequence, front: Sequenc
         f"# Budget search: {Path(problem.settings.model).name}, {problem.budget.describe()}",
         "",
         f"Study `{study.study_name}`: {len(trials)} trials, {len(feasible)} within budget and scored by the KL proxy, "
-        f"{len(trials) - len(feasible)} over budget and not run; {seconds:.0f} s"
-        + (f" ({3600 * len(trials) / seconds:.0f} trials per hour with this run's trials)" if seconds > 0 else "")
-        + ".",
+        f"{len(trials) - len(feasible)} over budget and not run.",
+        "",
+        f"Time: {timings['setup_s']:.0f} s to load the proxy and measure the sensitivities (the candidates cached on first use), "
+        f"{timings['trials_s']:.0f} s for this run's {timings['trials_run']:.0f} trials"
+        + (f" ({3600 * timings['trials_run'] / timings['trials_s']:.0f} trials per hour)" if timings["trials_s"] > 0 and timings["trials_run"] else "")
+        + f", {timings['rebuild_s']:.0f} s to rebuild and score the best trials and baselines.",
         "",
         f"Best: trial {best.trial}, {best.bytes:,} bytes on disk, "
         + (f"{best.bits_per_weight:.3f} bits per weight, " if best.bits_per_weight else "")

@@ -4,7 +4,7 @@
    the study (it seeds the sampler and is printed as "where the bits matter").
 2. Trials: a trial picks a candidate per group; :func:`weightsmith.search.space.recipe_for` turns it
    into a recipe; its output size comes from tensor headers and grids (:mod:`weightsmith.sizing`)
-   before anything runs, and a trial over budget is recorded infeasible (optuna's ``constraints_func``)
+   before anything runs, and a trial over budget is recorded infeasible (an optuna constraint)
    without running; the others are scored by the KL proxy on cached candidates
    (:mod:`weightsmith.search.proxy`).
 3. The best feasible trials are rebuilt with the real passes (sequential calibration), measured on
@@ -38,8 +38,9 @@ from weightsmith.search.space import Candidate, Group, make_groups, recipe_for
 
 log = logging.getLogger(__name__)
 
-#: optuna user attributes of a trial
-CONSTRAINT, SIZE, BPW, SCORED = "constraint", "bytes", "bits_per_weight", "scored"
+#: the trial's constraint (over budget when positive) and its user attributes
+CONSTRAINT = "budget"
+SIZE, BPW, SCORED = "bytes", "bits_per_weight", "scored"
 
 
 def candidates_of(settings: SearchSettings) -> list[Candidate]:
@@ -76,6 +77,7 @@ class Problem:
     arch: Any
     key: str
     sizes: dict[str, tuple[int, float]] = field(default_factory=dict)
+    sizer: Any = None
 
     @classmethod
     def open(cls, settings: SearchSettings) -> Problem:
@@ -100,7 +102,7 @@ class Problem:
 
     def steps(self, assignment: Mapping[str, Candidate]) -> list[dict[str, Any]]:
         gguf = self.settings.space.gguf_mix if self.budget.kind == "gguf" else None
-        return recipe_for(assignment, self.groups, self.arch, self.quantize_settings(), gguf)
+        return recipe_for(assignment, self.groups, self.arch, self.quantize_settings(), gguf, name=self.folder.name)
 
     def validated(self, assignment: Mapping[str, Candidate]) -> list[tuple[str, Any]]:
         out = []
@@ -114,9 +116,11 @@ class Problem:
         """(bytes of the output, bits per weight of its quantized linears), from headers and grids."""
         key = json.dumps({g: c.name for g, c in sorted(assignment.items())})
         if key not in self.sizes:
-            from weightsmith.sizing import estimate
+            if self.sizer is None:
+                from weightsmith.sizing import Sizer
 
-            est = estimate(self.folder, self.validated(assignment))
+                self.sizer = Sizer(self.folder)
+            est = self.sizer.estimate(self.validated(assignment))
             self.sizes[key] = (int(est.bytes), float(est.bits_per_weight or 0.0))
         return self.sizes[key]
 
@@ -195,9 +199,19 @@ class Scorer:
         return self.proxy.score({g.name: self.cache.get(g, assignment[g.name]) for g in self.problem.groups})
 
     def sensitivity(self) -> dict[str, dict[str, float]]:
+        """The sensitivity table, measured once per model, proxy settings, groups and candidates and
+        kept beside the candidate cache (a new study on the same space reuses it)."""
         from weightsmith.search.proxy import sensitivity
 
-        return sensitivity(self.proxy, self.cache, self.problem.groups, self.problem.candidates, self.progress)
+        names = [g.name for g in self.problem.groups] + [c.name for c in self.problem.candidates]
+        path = self.folder / f"sensitivity-{hashlib.sha256(json.dumps(names).encode()).hexdigest()[:12]}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        table = sensitivity(self.proxy, self.cache, self.problem.groups, self.problem.candidates, self.progress)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table))
+        os.replace(tmp, path)
+        return table
 
 
 def _calib_path(settings: SearchSettings) -> Path:
@@ -261,7 +275,7 @@ def open_study(settings: SearchSettings, problem: Problem, seed: int, create: bo
 
     storage = storage_of(settings)
     name = settings.study_name(problem.key)
-    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, constraints_func=_constraints, n_startup_trials=min(10, max(2, settings.trials // 4)))
+    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=min(10, max(2, settings.trials // 4)))
     if create:
         return optuna.create_study(study_name=name, storage=storage, sampler=sampler, direction="minimize", load_if_exists=True)
     return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
@@ -283,12 +297,12 @@ def storage_of(settings: SearchSettings):
         from optuna.storages.journal import JournalFileBackend
 
         return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+    import warnings
+
     engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=30, grace_period=120)
-
-
-def _constraints(trial) -> list[float]:
-    return list(trial.user_attrs.get(CONSTRAINT, [0.0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=30, grace_period=120)
 
 
 def objective(problem: Problem, scorer: Scorer | None, sens: Mapping[str, Mapping[str, float]], worker: int = 0):
@@ -302,7 +316,7 @@ def objective(problem: Problem, scorer: Scorer | None, sens: Mapping[str, Mappin
         over = problem.measure(size) - problem.budget.limit
         trial.set_user_attr(SIZE, size[0])
         trial.set_user_attr(BPW, size[1])
-        trial.set_user_attr(CONSTRAINT, [over])
+        trial.set_constraint(CONSTRAINT, over)
         if over > 0 or scorer is None:
             trial.set_user_attr(SCORED, False)
             return additive_kl(sens, assignment)
@@ -377,7 +391,8 @@ def rebuild(problem: Problem, steps: list[dict[str, Any]], work: Path, label: st
 
     dest = work / label
     reports = run_recipe(_validate(steps), problem.folder, dest, runtime.with_(force=True, progress=None))
-    quantized = next((r for r in reports if r.bits_per_weight is not None), None)
+    figures = [getattr(r, "report", r) for r in reports]
+    quantized = next((r for r in figures if r.bits_per_weight is not None), None)
     return Built(label, steps, dest, _bytes_on_disk(dest), quantized.bits_per_weight if quantized else None)
 
 
@@ -400,13 +415,14 @@ def _bytes_on_disk(path: Path) -> int:
 def score(problem: Problem, built: list[Built], work: Path) -> None:
     """Perplexity, KL to the original and top-1 agreement of every rebuilt model on the evaluation text
     (the pinned protocol, ``eval_tokens`` tokens), the original running once per window."""
+    from weightsmith.demo import EVAL_ASSET
     from weightsmith.evaluate import Protocol, evaluate_many
     from weightsmith.paths import asset, assets_dir
 
     s = problem.settings
-    text = Path(s.resolve_path(s.eval)) if s.eval else asset("text/wikitext-2-raw-v1/test.txt")
+    text = Path(s.resolve_path(s.eval)) if s.eval else asset(EVAL_ASSET)
     if text is None:
-        raise WeightsmithError(assets_dir(), "default evaluation text not found; give the spec an `eval` text")
+        raise WeightsmithError(assets_dir() / EVAL_ASSET, "default evaluation text not found; give the spec an `eval` text")
     folders = [_as_folder(b.path, work) for b in built]
     reports = evaluate_many(folders, text, Protocol(max_tokens=s.eval_tokens), reference_dir=problem.folder)
     for b, r in zip(built, reports):
@@ -455,6 +471,7 @@ def run(inputs: Sequence, dest: Path, settings: SearchSettings, runtime: Runtime
         _enqueue_seeds(study, problem, sens)
     remaining = settings.trials - len(finished(study))
     started = time.perf_counter()
+    timings = {"setup_s": started - start}
     counts = {"done": 0}
 
     def on_trial(study_, trial) -> None:
@@ -481,7 +498,8 @@ def run(inputs: Sequence, dest: Path, settings: SearchSettings, runtime: Runtime
         failed = [p.exitcode for p in procs if p.exitcode]
         if failed:
             raise WeightsmithError(None, f"{len(failed)} search worker(s) failed (exit codes {failed}); re-run the same command to continue the study")
-    search_seconds = time.perf_counter() - start
+    timings["trials_s"] = time.perf_counter() - started
+    timings["trials_run"] = max(remaining, 0)
     del scorer
     trials = finished(study)
     front = pareto(trials)
@@ -512,7 +530,9 @@ def run(inputs: Sequence, dest: Path, settings: SearchSettings, runtime: Runtime
             shutil.copy2(f, tmp / f.name) if f.is_file() else shutil.copytree(f, tmp / f.name)
     else:
         shutil.copy2(best.path, tmp / "model.gguf")
-    write_outputs(tmp, problem, study, trials, front, built, best, sens, search_seconds)
+    timings["rebuild_s"] = time.perf_counter() - start - timings["setup_s"] - timings["trials_s"]
+    write_outputs(tmp, problem, study, trials, front, built, best, sens, timings)
+    parameters = _parameters(best.path)
     shutil.rmtree(work)
     if dest.exists():
         shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
@@ -522,7 +542,7 @@ def run(inputs: Sequence, dest: Path, settings: SearchSettings, runtime: Runtime
         dest,
         bits_per_weight=best.bits_per_weight,
         bytes_written=best.bytes,
-        parameters=_parameters(best.path),
+        parameters=parameters,
         title=f"budget search: {problem.budget.describe()}, best trial {best.trial}",
         extra={
             "trials": len(trials),
@@ -532,7 +552,7 @@ def run(inputs: Sequence, dest: Path, settings: SearchSettings, runtime: Runtime
             "perplexity": round(best.perplexity, 4),
             "kl": round(best.kl or 0.0, 6),
             "study": study.study_name,
-            "search_seconds": round(search_seconds, 1),
+            **{k: round(v, 1) for k, v in timings.items()},
         },
     )
     return report

@@ -115,12 +115,14 @@ def recipe_for(
     arch: Arch,
     quantize: Mapping[str, Any],
     gguf: str | None = None,
+    name: str | None = None,
 ) -> list[dict[str, Any]]:
     """The recipe steps that build the model a trial describes: one quantize step whose overrides give
     each group its candidate (``quantize`` holds the shared settings: calibration, damp, ...), packed
     so that the bits show in the file, and with
     ``gguf`` (a llama.cpp mix for the tensors outside the groups, e.g. ``q4_k_m``) the quantize step
-    chooses codes on the GGUF grids and a last step exports the file. Pure: same inputs, same steps."""
+    chooses codes on the GGUF grids and a last step exports the file, ``name`` its ``general.name`` (so
+    the file does not depend on the folder the quantize step wrote). Pure: same inputs, same steps."""
     first = assignment[groups[0].name]
     step: dict[str, Any] = {"pass": "quantize", **quantize, "method": first.method}
     if gguf is not None:
@@ -130,5 +132,5 @@ def recipe_for(
     step["overrides"] = [{"match": group_pattern(g, arch), **assignment[g.name].override()} for g in groups]
     steps = [step]
     if gguf is not None:
-        steps.append({"pass": "gguf", "type": gguf})
+        steps.append({"pass": "gguf", "type": gguf, **({"name": name} if name else {})})
     return steps
