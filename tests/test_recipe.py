@@ -40,9 +40,12 @@ def test_unknown_pass_and_bad_value(tmp_path):
 
 
 def test_presets_parse():
-    for name in ("demo-int4", "gptq-w4"):
-        steps = load_recipe(preset_path(name))
-        assert steps[0][0] == "quantize" and steps[0][1].bits == 4 and steps[0][1].format == "packed"
+    """Every preset parses into the steps its name promises (tests/test_presets.py runs them)."""
+    quantize = {name: load_recipe(preset_path(name))[0][1] for name in ("demo-int4", "rtn-w4", "gptq-w4", "awq-w4", "int8")}
+    assert all(s.format == "packed" for s in quantize.values())
+    assert [(quantize[n].method, quantize[n].bits, quantize[n].symmetric) for n in quantize] == [
+        ("rtn", 4, True), ("rtn", 4, False), ("gptq", 4, True), ("awq", 4, True), ("rtn", 8, True)
+    ]
     pruning = {name: load_recipe(preset_path(name))[0] for name in ("wanda-50", "sparse-2of4", "sparse-2of4-w4", "shrink-mlp-25", "drop-layers-4")}
     assert all(step == "prune" for step, _ in pruning.values())
     assert pruning["wanda-50"][1].method == "wanda" and pruning["wanda-50"][1].sparsity == 0.5
@@ -50,6 +53,10 @@ def test_presets_parse():
     assert pruning["sparse-2of4-w4"][1].pattern == "2:4" and pruning["sparse-2of4-w4"][1].bits == 4
     assert pruning["shrink-mlp-25"][1].structured.mlp == 0.25
     assert pruning["drop-layers-4"][1].structured.layers == 4
+    assert [name for name, _ in load_recipe(preset_path("edge-q4"))] == ["quantize", "gguf"]
+    assert [name for name, _ in load_recipe(preset_path("edge-q4-small"))] == ["prune", "quantize", "gguf"]
+    merges = {name: load_recipe(preset_path(f"preset:{name}"))[0][1] for name in ("soup", "merge-slerp", "merge-ties", "merge-dare-ties")}
+    assert [m.merge_method for m in merges.values()] == ["linear", "slerp", "ties", "dare_ties"]
     with pytest.raises(WeightsmithError, match="no preset named 'nope'; presets: .*gptq-w4.*wanda-50"):
         preset_path("nope")
 
