@@ -212,7 +212,7 @@ def test_reference_errors_name_the_step(tmp_path, tiny_llama, other_llama):
         run_recipe(recipe, None, tmp_path / "out", Runtime(workdir=tmp_path / "work"))
     quantize_then_merge = {"steps": [{"pass": "quantize", **QUANTIZE}, {**merge, "models": [{"model": "previous"}, {"model": "input:3"}]}]}
     recipe = read_recipe(write_recipe(tmp_path / "r.yaml", quantize_then_merge))
-    with pytest.raises(WeightsmithError, match=r"step 2 \(merge\): input:3 refers to input model 3, but only 1 were given"):
+    with pytest.raises(WeightsmithError, match=r"step 2 \(merge\): input:3 refers to input model 3, but only 1 was given"):
         run_recipe(recipe, [tiny_llama], tmp_path / "out")
     for bad, problem in (("input:0", "write input:N with N the input model's number, from 1"), ("input:two", "write input:N")):
         with pytest.raises(WeightsmithError, match=rf"step 1 \(merge\): '{bad}': {problem}"):
@@ -260,6 +260,11 @@ def test_resolved_recipe_reruns_to_the_same_bytes(tmp_path, tiny_llama, cli):
     again = cli("run", tmp_path / "out" / "recipe.yaml", tmp_path / "again", "--workdir", work)
     assert again.exit_code == 0, again.output
     assert again.stderr.count(": cached") == 2
+    # the perplexities are kept too: nothing is evaluated again, the table is the same
+    assert "evaluating" in first.stderr and "evaluating" not in again.stderr
+    table = [line for line in first.stdout.splitlines() if line.strip().startswith(("input ", "1 prune ", "2 quantize "))]
+    assert len(table) == 3
+    assert [line.split()[-3:] for line in table] == [line.split()[-3:] for line in again.stdout.splitlines() if line.strip().startswith(("input ", "1 prune ", "2 quantize "))]
     # ... and run afresh it writes the same bytes, its resolved recipe included
     fresh = cli("run", tmp_path / "out" / "recipe.yaml", tmp_path / "fresh", "--workdir", work, "--no-cache")
     assert fresh.exit_code == 0, fresh.output

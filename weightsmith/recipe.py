@@ -300,12 +300,15 @@ def check_chain(steps: list[Step], n_models: int, where: Path | None = None) -> 
             raise WeightsmithError(where, f"{step} writes a single file, which no later step can read; make it the last step")
         refs = _references(settings)
         for kind, number in refs:
-            if kind == INPUT and (number or 1) > n_models:
-                given = f"only {n_models} were given" if n_models else "none was given"
-                raise WeightsmithError(where, f"{step}: input:{number} refers to input model {number}, but {given} (--model, or the recipe's `model`)")
-            if kind == INPUTS and not n_models:
-                raise WeightsmithError(where, f"{step}: `inputs` stands for the input models, but none was given (--model, or the recipe's `model`)")
-            used |= set(range(n_models)) if kind == INPUTS else {(number or 1) - 1} if kind == INPUT else set()
+            if kind == INPUT:
+                if number > n_models:
+                    given = f"only {n_models} {'was' if n_models == 1 else 'were'} given" if n_models else "none was given"
+                    raise WeightsmithError(where, f"{step}: input:{number} refers to input model {number}, but {given} (--model, or the recipe's `model`)")
+                used.add(number - 1)
+            elif kind == INPUTS:
+                if not n_models:
+                    raise WeightsmithError(where, f"{step}: `inputs` stands for the input models, but none was given (--model, or the recipe's `model`)")
+                used |= set(range(n_models))
         uses_previous = any(kind == PREVIOUS for kind, _ in refs)
         before = f"step {i - 1}'s output" if i > 1 else "the input model" if n_models else None
         if spec.inputs is Inputs.ONE:
@@ -318,12 +321,13 @@ def check_chain(steps: list[Step], n_models: int, where: Path | None = None) -> 
                 raise WeightsmithError(where, f"{step} refers to `previous`, but nothing comes before it")
             if i == 1 and uses_previous:
                 used.add(0)
-            dropped = i > 1 and not uses_previous or i == 1 and n_models and not refs
-            if dropped:
+            if i > 1 and not uses_previous:
                 raise WeightsmithError(
-                    where,
-                    f"{step} names its own input models and would drop {before}; "
-                    f"use it as `model: previous` in the step, or remove what comes before",
+                    where, f"{step} names its own input models and would drop {before}; use it as `model: previous` in the step, or remove what comes before"
+                )
+            if i == 1 and n_models and not refs:
+                raise WeightsmithError(
+                    where, f"{step} names its own input models and would drop the input model; refer to it as `model: input` (or input:N, inputs) in the step"
                 )
     unused = sorted(set(range(n_models)) - used)
     if unused:
@@ -785,6 +789,13 @@ def run_recipe(
 # ---- evaluation --------------------------------------------------------------------------------
 
 
+def _eval_key(model: str, reference: str | None, text: str, max_tokens: int) -> str:
+    """The key of one row's evaluation: the model's and the reference's keys, the text's content,
+    the protocol's token count and the package version (the protocol's code)."""
+    doc = {"model": model, "reference": reference, "text": text, "max_tokens": max_tokens, "weightsmith": __version__}
+    return hashlib.sha256(_canonical(doc).encode()).hexdigest()
+
+
 def evaluate_steps(
     inputs: list[Path],
     results: list[StepResult],
@@ -796,22 +807,41 @@ def evaluate_steps(
     """Perplexity by the pinned protocol (the first ``max_tokens`` tokens of ``text``) of the input
     models, then of every step's output, window by window together; the first input model is the
     reference of KL and top-1 agreement. A GGUF file output is read back (dequantized, float32)
-    through :func:`weightsmith.gguf_import.convert_gguf`. Returns evaluate.Report per row."""
-    from weightsmith.evaluate import Protocol, evaluate_many
+    through :func:`weightsmith.gguf_import.convert_gguf`. Each row's figures are kept in
+    ``<workdir>/evals/`` under a key of the model, reference and text contents, so that a run whose
+    steps are cached does not evaluate them again. Returns an evaluate.Report per row."""
+    from dataclasses import asdict
+
+    from weightsmith.evaluate import Protocol, Report as EvalReport, evaluate_many
     from weightsmith.gguf_read import is_gguf
 
     base = workdir or default_workdir()
-    base.mkdir(parents=True, exist_ok=True)
+    (base / "evals").mkdir(parents=True, exist_ok=True)
+    hashes = provenance.HashCache()
+    input_keys = [model_key(folder, hashes) for folder in inputs]
+    text_key = content_key(Path(text), hashes)
+    hashes.save()
+    reference = inputs[0] if inputs else None
+    rows = [(folder, key) for folder, key in zip(inputs, input_keys)] + [(r.output, r.key) for r in results]
+    files = [base / "evals" / f"{_eval_key(key, input_keys[0] if inputs else None, text_key, max_tokens)}.json" for _, key in rows]
+    reports: list = [EvalReport(**json.loads(f.read_text(encoding="utf-8"))) if f.is_file() else None for f in files]
+    missing = [i for i, report in enumerate(reports) if report is None]
+    if not missing:
+        return reports
     with tempfile.TemporaryDirectory(prefix="weightsmith-eval-", dir=base) as work:
-        folders = list(inputs)
-        for result in results:
-            if result.output.is_file() and is_gguf(result.output):
-                import torch
+        import torch
 
-                from weightsmith.gguf_import import convert_gguf
+        from weightsmith.gguf_import import convert_gguf
 
-                folders.append(convert_gguf(result.output, Path(work) / result.key, dtype=torch.float32))
-            else:
-                folders.append(result.output)
-        reference = inputs[0] if inputs else None
-        return evaluate_many(folders, text, Protocol(max_tokens=max_tokens), reference, progress)
+        folders = []
+        for i in missing:
+            output, key = rows[i]
+            is_file = output.is_file() and is_gguf(output)
+            folders.append(convert_gguf(output, Path(work) / key, dtype=torch.float32) if is_file else output)
+        measured = evaluate_many(folders, text, Protocol(max_tokens=max_tokens), reference, progress)
+    for i, report in zip(missing, measured):
+        reports[i] = report
+        tmp = files[i].with_name(f".{files[i].name}.{os.getpid()}.tmp")
+        _write_json(tmp, asdict(report))
+        os.replace(tmp, files[i])
+    return reports
