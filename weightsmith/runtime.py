@@ -58,7 +58,7 @@ class Runtime:
     threads: int | None = None
     #: seed of every random draw of the pass
     seed: int = 0
-    #: where recipes keep their intermediate outputs and temporary folders (default: the system's)
+    #: where recipes keep their step cache (default: ``$XDG_CACHE_HOME/weightsmith/recipes``)
     workdir: Path | None = None
     #: output shards are cut at this many bytes
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
