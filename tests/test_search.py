@@ -250,3 +250,30 @@ def test_two_workers_share_one_sqlite_study(tmp_path, tiny4):
 
 def test_two_workers_share_one_postgresql_study(tmp_path, tiny4, postgres_url):
     _two_workers(tmp_path, tiny4, postgres_url, "w2pg")
+
+
+def test_sensitivity_command_writes_table_json_and_heatmap(tmp_path, tiny4, cli):
+    path = spec(tmp_path, tiny4)
+    result = cli("sensitivity", tiny4, "--spec", path, "--out", tmp_path / "sens")
+    assert result.exit_code == 0, result.stderr
+    sens = json.loads((tmp_path / "sens" / "sensitivity.json").read_text())
+    assert list(sens) == ["attn.0-1", "mlp.0-1", "attn.2-3", "mlp.2-3"]
+    assert all(list(row) == ["gptq-w2g32", "gptq-w4g32", "gptq-w8g32"] for row in sens.values())
+    # fewer bits, more KL, in every group; and nothing is free
+    assert all(row["gptq-w2g32"] > row["gptq-w4g32"] > row["gptq-w8g32"] > 0 for row in sens.values())
+    assert (tmp_path / "sens" / "sensitivity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "attn.0-1" in result.stdout
+
+
+def test_search_spec_errors_name_the_file_and_key(tmp_path, tiny4, cli):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"model": str(tiny4), "space": {"bits": [5]}}))
+    result = cli("search", path, tmp_path / "out", "--budget", "60MB")
+    assert result.exit_code == 2
+    assert str(path) in result.stderr and "bits" in result.stderr
+    path.write_text(yaml.safe_dump({"model": str(tiny4), "spaces": {}}))
+    result = cli("search", path, tmp_path / "out", "--budget", "60MB")
+    assert result.exit_code == 2 and "unknown key 'spaces'" in result.stderr
+    path.write_text(yaml.safe_dump({"model": str(tiny4)}))
+    result = cli("search", path, tmp_path / "out", "--budget", "lots")
+    assert result.exit_code == 2 and "budget" in result.stderr

@@ -149,7 +149,7 @@ class Scorer:
         import torch
 
         from weightsmith.checkpoint import Checkpoint
-        from weightsmith.data import bos_id, read_text, text_blocks, tokenize
+        from weightsmith.data import blocks, bos_id, read_text, tokenize
         from weightsmith.models import load_model, load_tokenizer
         from weightsmith.search.proxy import CandidateCache, ProxyScorer, ProxySettings
 
@@ -161,8 +161,12 @@ class Scorer:
         self.folder = cache_folder(problem, self.settings.key() + hashlib.sha256(str(calib).encode()).hexdigest()[:8])
         self.folder.mkdir(parents=True, exist_ok=True)
         tokenizer = load_tokenizer(problem.folder)
-        self.calib_tokens = text_blocks(tokenizer, calib, s.seq_len, s.samples, runtime.seed)
-        proxy_tokens = tokenize(tokenizer, read_text(calib))[-s.proxy_tokens :]
+        ids = tokenize(tokenizer, read_text(calib))
+        if ids.numel() < s.proxy_tokens + s.seq_len:
+            raise WeightsmithError(calib, f"calibration text has {ids.numel()} tokens, too few for {s.proxy_tokens} proxy tokens and a calibration block")
+        # the proxy scores on the text's last tokens; calibration blocks come from the rest
+        proxy_tokens = ids[-s.proxy_tokens :]
+        self.calib_tokens = blocks(ids[: -s.proxy_tokens], s.seq_len, s.samples, runtime.seed, where=calib, bos=bos_id(tokenizer))
         self.model = load_model(problem.folder, torch.float32)
         ckpt = Checkpoint(problem.folder)
         self.proxy = ProxyScorer(self.model, proxy_tokens, self.settings.ctx, bos_id(tokenizer))
