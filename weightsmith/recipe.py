@@ -566,6 +566,14 @@ def _pid_alive(pid: int) -> bool:
 _LEFTOVER = re.compile(r"\.(?:partial|old)-[0-9a-f]{64}-(\d+)-")
 
 
+def _remove(path: Path) -> None:
+    """Delete a file or a folder tree (what is already gone is no error)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def _work_name(kind: str, key: str) -> str:
     return f".{kind}-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
@@ -580,7 +588,7 @@ def sweep_partials(steps_dir: Path) -> None:
         pid = int(match.group(1))
         if pid != os.getpid() and not _pid_alive(pid):
             log.info("removing %s, left by a run that was stopped", entry)
-            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            _remove(entry)
 
 
 def _file_name(name: str) -> str:
@@ -698,7 +706,7 @@ def _replace_into(tmp: Path, dest: Path) -> None:
         os.replace(dest, old)
     os.replace(tmp, dest)
     if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+        _remove(old)
 
 
 def sidecar(dest: Path, name: str) -> Path:
@@ -732,7 +740,7 @@ def place_output(result: StepResult, dest: Path, document: dict, keys: list[str]
         _replace_into(tmp, dest)
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()
+            _remove(tmp)
 
 
 def run_recipe(
