@@ -107,12 +107,21 @@ class CandidateCache:
     """Each (group, candidate)'s quantized weights, computed once and kept on disk (safetensors, one
     file per pair) so that every trial, every worker process and a resumed search reuse them."""
 
-    def __init__(self, folder: Path, weights: Callable[[str], Tensor], hessians: Callable[[], Mapping[str, Tensor]], settings: ProxySettings, arch) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        weights: Callable[[str], Tensor],
+        hessians: Callable[[], Mapping[str, Tensor]],
+        settings: ProxySettings,
+        arch,
+        progress: Progress | None = None,
+    ) -> None:
         self.folder = folder
         self.weights = weights
         self.hessians = hessians
         self.settings = settings
         self.arch = arch
+        self.progress = progress
 
     def path(self, group: Group, cand: Candidate) -> Path:
         return self.folder / cand.name / f"{group.name}.safetensors"
@@ -127,9 +136,13 @@ class CandidateCache:
             path.parent.mkdir(parents=True, exist_ok=True)
             with FileLock(str(path) + ".lock"):
                 if not path.exists():
-                    needs_h = cand.method != "rtn"
-                    H = self.hessians() if needs_h else {}
-                    out = {m: candidate_weight(self.weights(m), H.get(m), cand, self.settings).contiguous() for m in group_modules(group, self.arch)}
+                    H = self.hessians() if cand.method != "rtn" else {}
+                    modules = group_modules(group, self.arch)
+                    out = {}
+                    for i, m in enumerate(modules):
+                        out[m] = candidate_weight(self.weights(m), H.get(m), cand, self.settings).contiguous()
+                        if self.progress is not None:
+                            self.progress(i + 1, len(modules), f"candidate {cand.name} for {group.name}")
                     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
                     save_file(out, str(tmp))
                     os.replace(tmp, path)

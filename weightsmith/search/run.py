@@ -170,7 +170,7 @@ class Scorer:
         self.model = load_model(problem.folder, torch.float32)
         ckpt = Checkpoint(problem.folder)
         self.proxy = ProxyScorer(self.model, proxy_tokens, self.settings.ctx, bos_id(tokenizer))
-        self.cache = CandidateCache(self.folder, lambda m: ckpt.get(f"{m}.weight"), self._hessians, self.settings, problem.arch)
+        self.cache = CandidateCache(self.folder, lambda m: ckpt.get(f"{m}.weight"), self._hessians, self.settings, problem.arch, progress)
         self._H: dict | None = None
 
     def _hessians(self) -> dict:
