@@ -277,3 +277,25 @@ def test_search_spec_errors_name_the_file_and_key(tmp_path, tiny4, cli):
     path.write_text(yaml.safe_dump({"model": str(tiny4)}))
     result = cli("search", path, tmp_path / "out", "--budget", "lots")
     assert result.exit_code == 2 and "budget" in result.stderr
+
+
+def test_proxy_candidates_order_by_layer_output_error():
+    """On a layer whose input channels differ in scale, AWQ from the Hessian alone beats RTN and GPTQ
+    beats RTN (correlated inputs); pseudo inputs reproduce the Hessian."""
+    from weightsmith.search.proxy import ProxySettings, candidate_weight, pseudo_inputs
+
+    torch.manual_seed(0)
+    mix = torch.eye(64) + 0.3 * torch.randn(64, 64)
+    x = (torch.randn(2048, 64) @ mix) * torch.linspace(0.1, 5, 64)
+    w = torch.randn(96, 64)
+    H = 2 / x.shape[0] * x.T @ x
+    X = pseudo_inputs(H)
+    assert torch.allclose(X.T @ X, H, rtol=1e-3, atol=1e-3 * float(H.abs().max()))
+
+    def err(method: str, **grid) -> float:
+        q = candidate_weight(w, H, Candidate(method, **grid), ProxySettings())
+        return float(((x @ (w - q).T) ** 2).mean())
+
+    for grid in ({"bits": 3, "group_size": 32}, {"gguf_type": "q4_0"}):
+        assert err("awq", **grid) < 0.9 * err("rtn", **grid)
+        assert err("gptq", **grid) < 0.9 * err("rtn", **grid)

@@ -59,7 +59,10 @@ class Space(BaseModel):
     depth_groups: int = Field(4, ge=1, description="Bands of consecutive layers; each band has an attention and an MLP group.")
     bits: list[int] = Field(default_factory=lambda: [2, 3, 4, 8], description="Bit widths a group may take.")
     group_size: list[int] = Field(default_factory=lambda: [64, 128], description="Columns per scale a group may take.")
-    method: list[Literal["rtn", "gptq"]] = Field(default_factory=lambda: ["gptq"], description="Methods a group may take.")
+    method: list[Literal["rtn", "gptq", "awq"]] = Field(
+        default_factory=lambda: ["gptq"],
+        description="Methods a group may take (at equal size GPTQ usually beats the others; each one added multiplies the candidates).",
+    )
     symmetric: bool = Field(True, description="Symmetric grids (the packed format then loads compressed everywhere).")
     gguf_types: list[str] = Field(default_factory=lambda: list(DEFAULT_GGUF_TYPES), description="GGUF block types a group may take (GGUF budgets).")
     gguf_mix: str = Field("q4_k_m", description="GGUF budgets: llama-quantize's mix for the tensors outside the groups (embeddings, output).")

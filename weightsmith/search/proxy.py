@@ -57,6 +57,8 @@ def candidate_weight(w: Tensor, hessian: Tensor | None, cand: Candidate, setting
     from compress.quantize import _rtn, dequantized
 
     grid = GGUFGrid(cand.gguf_type) if cand.gguf_type else QuantGrid(bits=cand.bits, symmetric=cand.symmetric, group_size=cand.group_size)
+    if cand.method == "awq" and hessian is not None:
+        return awq_from_hessian(w, hessian, grid)
     if cand.method == "rtn" or hessian is None:
         q = _rtn(w, grid, False, w.dtype)
     elif isinstance(grid, GGUFGrid):
@@ -64,6 +66,35 @@ def candidate_weight(w: Tensor, hessian: Tensor | None, cand: Candidate, setting
     else:
         q, _ = gptq_quantize(w.float(), hessian, grid, damp=settings.damp, block_size=settings.block_size, act_order=settings.act_order)
     return dequantized(q).to(w.dtype)
+
+
+def pseudo_inputs(hessian: Tensor, damp: float = 1e-6) -> Tensor:
+    """``X`` ``[in, in]`` with ``X^T X = H``: a stand-in for a linear's inputs that gives every weight
+    the same output error ``tr(dW H dW^T)`` as the real inputs, from their Hessian alone."""
+    H = hessian.to(torch.float32)
+    H = H + damp * float(torch.diagonal(H).mean().clamp(min=1e-12)) * torch.eye(H.shape[0])
+    return torch.linalg.cholesky(H).T.contiguous()
+
+
+def awq_from_hessian(w: Tensor, hessian: Tensor, grid) -> Tensor:
+    """AWQ (https://arxiv.org/abs/2306.00978) of one linear with its inputs known only by their Hessian:
+    scales searched on the output error of :func:`pseudo_inputs`, the activation scale taken as the
+    inputs' RMS per channel, then the clipping search (llama.cpp's importance-weighted quantizer on a
+    GGUF grid); dequantized and unscaled, in ``w``'s dtype. The quantize pass searches one scale per
+    group of linears on real block outputs; this per-linear form is the proxy's estimate of it."""
+    from compress.awq import awq_clip_ratios, scale_input_channels, search_awq_scales
+    from compress.gguf.calibrated import GGUFGrid, fake_quantize as gguf_fake_quantize
+    from compress.grid import quantize
+
+    x = pseudo_inputs(hessian)
+    rms = torch.diagonal(hessian.to(torch.float32)).clamp(min=0).sqrt()
+    s = search_awq_scales(x, [w.float()], lambda inp, ws: inp @ ws[0].to(torch.float32).T, grid, act_scale=rms)
+    scaled = scale_input_channels(w.float(), s)
+    if isinstance(grid, GGUFGrid):
+        q = gguf_fake_quantize(scaled, grid, importance=(x / s).pow(2).mean(dim=0))
+    else:
+        q = quantize(scaled, grid, awq_clip_ratios(scaled, x / s, grid)).dequantize()
+    return (q.to(torch.float32) / s).to(w.dtype)
 
 
 @torch.inference_mode()
