@@ -98,6 +98,7 @@ class SearchSpec(BaseModel):
     calib: str | None = Field(None, description="Calibration text (default: the WikiText-2 calibration split of the assets).")
     samples: int = Field(64, ge=1, description="Calibration blocks (candidates and rebuilds).")
     seq_len: int = Field(512, ge=2, description="Tokens per calibration block.")
+    act_order: bool = Field(False, description="GPTQ with act-order (static groups), in the candidates and the rebuilds.")
     proxy_tokens: int = Field(2048, ge=2, description="Tokens of the KL proxy that scores each trial: the calibration text's last ones, kept out of the calibration blocks.")
     space: Space = Field(default_factory=Space)
     front: int = Field(3, ge=1, description="Best trials rebuilt with sequential calibration and scored by the full evaluation.")

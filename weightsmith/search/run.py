@@ -95,7 +95,7 @@ class Problem:
 
     def quantize_settings(self) -> dict[str, Any]:
         s = self.settings
-        shared: dict[str, Any] = {"samples": s.samples, "seq_len": s.seq_len}
+        shared: dict[str, Any] = {"samples": s.samples, "seq_len": s.seq_len, "act_order": s.act_order}
         if s.calib is not None:
             shared["calib"] = s.resolve_path(s.calib)
         return shared
@@ -156,7 +156,7 @@ class Scorer:
         s = problem.settings
         self.problem = problem
         self.progress = progress
-        self.settings = ProxySettings(samples=s.samples, seq_len=s.seq_len, tokens=s.proxy_tokens)
+        self.settings = ProxySettings(samples=s.samples, seq_len=s.seq_len, tokens=s.proxy_tokens, act_order=s.act_order)
         calib = _calib_path(s)
         self.folder = cache_folder(problem, self.settings.key() + hashlib.sha256(str(calib).encode()).hexdigest()[:8])
         self.folder.mkdir(parents=True, exist_ok=True)
