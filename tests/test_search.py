@@ -299,3 +299,42 @@ def test_proxy_candidates_order_by_layer_output_error():
     for grid in ({"bits": 3, "group_size": 32}, {"gguf_type": "q4_0"}):
         assert err("awq", **grid) < 0.9 * err("rtn", **grid)
         assert err("gptq", **grid) < 0.9 * err("rtn", **grid)
+
+
+def test_dropping_layers_in_the_proxy_is_the_pruned_model(tmp_path, tiny4):
+    """A trial that drops layers: the proxy's skipped layers give the KL of the structurally pruned
+    model, and its recipe removes them first and quantizes the rest under their new indices, to the
+    estimated bytes."""
+    from weightsmith.evaluate import WindowSums, window_sums
+    from weightsmith.models import load_model
+    from weightsmith.passes import run_pass
+    from weightsmith.recipe import run_recipe
+    from weightsmith.runtime import Runtime
+    from weightsmith.search.run import Problem, Scorer, _validate
+
+    space = {"depth_groups": 2, "bits": [8], "group_size": [32], "drop_layers": [0, 1]}
+    problem = Problem.open(search_settings(spec(tmp_path, tiny4, space=space), budget="1TB"))
+    scorer = Scorer(problem, Runtime())
+    problem.layer_order = scorer.proxy.layer_order()
+    assert sorted(problem.layer_order) == [0, 1, 2, 3]
+    dropped = problem.dropped(1)
+    pruned_dir = tmp_path / "pruned"
+    run_pass("prune", [tiny4], pruned_dir, {"structured": {"layers": dropped}})
+    pruned = load_model(pruned_dir)
+    sums = WindowSums()
+    with torch.inference_mode():
+        for ids, x, ref in zip(scorer.proxy.windows, scorer.proxy.inputs, scorer.proxy.reference):
+            sums.add(window_sums(pruned(x, use_cache=False).logits[0].float(), ids, ref))
+    assert scorer.proxy.score({}, skip=dropped) == pytest.approx(sums.kl / sums.positions, rel=1e-4)
+    assert sums.kl > 0
+
+    assignment = problem.uniform(Candidate("gptq", 8, 32))
+    steps = problem.steps(assignment, 1)
+    assert steps[0] == {"pass": "prune", "structured": {"layers": dropped}}
+    out = tmp_path / "out"
+    run_recipe(_validate(steps), problem.folder, out, Runtime(workdir=tmp_path / "work"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 3
+    targets = [t for g in config["quantization_config"]["config_groups"].values() for t in g["targets"]]
+    assert sorted({int(t.split(".")[2]) for t in targets}) == [0, 1, 2] and len(targets) == 3 * 7
+    assert sum(f.stat().st_size for f in out.glob("*.safetensors")) == problem.size(assignment, 1)[0]

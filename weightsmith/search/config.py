@@ -64,6 +64,10 @@ class Space(BaseModel):
         description="Methods a group may take (at equal size GPTQ usually beats the others; each one added multiplies the candidates).",
     )
     symmetric: bool = Field(True, description="Symmetric grids (the packed format then loads compressed everywhere).")
+    drop_layers: list[int] = Field(
+        default_factory=lambda: [0],
+        description="Numbers of decoder layers a trial may drop (the least influential ones, removed by structured pruning before quantizing).",
+    )
     gguf_types: list[str] = Field(default_factory=lambda: list(DEFAULT_GGUF_TYPES), description="GGUF block types a group may take (GGUF budgets).")
     gguf_mix: str = Field("q4_k_m", description="GGUF budgets: llama-quantize's mix for the tensors outside the groups (embeddings, output).")
 
@@ -75,6 +79,13 @@ class Space(BaseModel):
         bad = [b for b in value if b not in BITS]
         if bad or not value:
             raise ValueError(f"bits must be a non-empty list of {', '.join(map(str, BITS))}, got {value}")
+        return sorted(set(value))
+
+    @field_validator("drop_layers")
+    @classmethod
+    def _drops(cls, value: list[int]) -> list[int]:
+        if not value or any(k < 0 for k in value):
+            raise ValueError(f"drop_layers must be a non-empty list of counts >= 0, got {value}")
         return sorted(set(value))
 
     @field_validator("gguf_types")

@@ -185,11 +185,12 @@ class ProxyScorer:
     """The original model loaded once, its next-token logits on the proxy tokens kept, and the KL
     divergence of the model with some linears replaced, measured on the same windows."""
 
-    def __init__(self, model: torch.nn.Module, tokens: Tensor, ctx: int, bos: int | None) -> None:
+    def __init__(self, model: torch.nn.Module, tokens: Tensor, ctx: int, bos: int | None, layers: str = "model.layers") -> None:
         from weightsmith.data import with_bos
         from weightsmith.evaluate import window_spans
 
         self.model = model
+        self.layers: torch.nn.ModuleList = model.get_submodule(layers)
         self.windows = [tokens[a:b] for a, b in window_spans(tokens.numel(), ctx)]
         self.inputs = [with_bos(ids, bos)[None] for ids in self.windows]
         self.original: dict[str, Tensor] = {}
@@ -215,22 +216,67 @@ class ProxyScorer:
                 self._param(name).copy_(self.original.pop(name))
 
     @torch.inference_mode()
-    def kl(self) -> float:
-        """Mean KL(original || current) per scored position over the proxy windows."""
+    def kl(self, skip: Sequence[int] = ()) -> float:
+        """Mean KL(original || current) per scored position over the proxy windows, with the decoder
+        layers ``skip`` left out (their input passed on unchanged, as if removed)."""
         from weightsmith.evaluate import WindowSums, window_sums
 
-        total = WindowSums()
-        for ids, x, ref in zip(self.windows, self.inputs, self.reference):
-            total.add(window_sums(self.model(x, use_cache=False).logits[0].float(), ids, ref))
+        kept = {i: self.layers[i] for i in skip}
+        for i in skip:
+            self.layers[i] = _Skip()
+        try:
+            total = WindowSums()
+            for ids, x, ref in zip(self.windows, self.inputs, self.reference):
+                total.add(window_sums(self.model(x, use_cache=False).logits[0].float(), ids, ref))
+        finally:
+            for i, layer in kept.items():
+                self.layers[i] = layer
         return total.kl / max(total.positions, 1)
 
-    def score(self, parts: Mapping[str, Mapping[str, Tensor]]) -> float:
-        """KL with each group's modules replaced by its weights (``parts``: group -> module -> weight);
-        modules named by no part are restored first."""
+    def score(self, parts: Mapping[str, Mapping[str, Tensor]], skip: Sequence[int] = ()) -> float:
+        """KL with each group's modules replaced by its weights (``parts``: group -> module -> weight)
+        and the layers ``skip`` left out; modules named by no part are restored first."""
         merged = {m: w for part in parts.values() for m, w in part.items()}
         self.restore(keep=list(merged))
         self.assign(merged)
-        return self.kl()
+        return self.kl(skip)
+
+    @torch.inference_mode()
+    def layer_order(self) -> list[int]:
+        """Decoder layers from the least to the most influential (ShortGPT's block influence,
+        https://arxiv.org/abs/2403.03853, on the proxy windows of the original model): dropping the
+        first ``k`` is what a structured prune of ``k`` layers by influence does."""
+        from compress.prune.importance import block_influence
+
+        sums = [[0.0, 0] for _ in self.layers]
+
+        def hook(i: int):
+            def record(_module, args, kwargs, output) -> None:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                out = output[0] if isinstance(output, tuple) else output
+                total, count = block_influence(hidden, out)
+                sums[i][0] += total
+                sums[i][1] += count
+
+            return record
+
+        self.restore()
+        handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(self.layers)]
+        try:
+            for x in self.inputs:
+                self.model(x, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        influence = torch.tensor([t / max(c, 1) for t, c in sums], dtype=torch.float64)
+        return torch.argsort(influence, stable=True).tolist()
+
+
+class _Skip(torch.nn.Module):
+    """A decoder layer left out: its input hidden states go on unchanged."""
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
+        return hidden_states
 
 
 def sensitivity(

@@ -45,7 +45,9 @@ def write_sensitivity(folder: Path, sens: Mapping[str, Mapping[str, float]], tit
     plt.close(fig)
 
 
-def write_outputs(folder: Path, problem, study, trials: Sequence, front: Sequence, built: Sequence, best, sens, timings: Mapping[str, float]) -> None:
+def write_outputs(
+    folder: Path, problem, study, trials: Sequence, front: Sequence, built: Sequence, best, sens, timings: Mapping[str, float], drop_sens: Mapping[str, float] | None = None
+) -> None:
     """Every file of a finished search into ``folder``."""
     from weightsmith.search.run import BPW, SCORED, SIZE, best_recipe
 
@@ -102,6 +104,8 @@ def write_outputs(folder: Path, problem, study, trials: Sequence, front: Sequenc
     cands = list(next(iter(sens.values())))
     lines += ["| group | " + " | ".join(cands) + " |", "|---|" + "---:|" * len(cands)]
     lines += [f"| {g} | " + " | ".join(f"{row[c]:.4g}" for c in cands) + " |" for g, row in sens.items()]
+    if drop_sens:
+        lines += ["", "Dropping the least influential layers alone: " + ", ".join(f"{k} layers KL {v:.4g}" for k, v in drop_sens.items()) + "."]
     lines += ["", "Files: best-recipe.yaml, pareto.csv, pareto.png, sensitivity.json, sensitivity.png.", ""]
     (folder / "report.md").write_text("\n".join(lines))
 

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 #: the trial's constraint (over budget when positive) and its user attributes
 CONSTRAINT = "budget"
 SIZE, BPW, SCORED = "bytes", "bits_per_weight", "scored"
+#: the trial parameter of the number of decoder layers dropped
+DROP = "drop_layers"
 
 
 def candidates_of(settings: SearchSettings) -> list[Candidate]:
@@ -78,6 +80,9 @@ class Problem:
     key: str
     sizes: dict[str, tuple[int, float]] = field(default_factory=dict)
     sizer: Any = None
+    #: decoder layers from the least to the most influential (measured once per study when the space
+    #: drops layers)
+    layer_order: list[int] = field(default_factory=list)
 
     @classmethod
     def open(cls, settings: SearchSettings) -> Problem:
@@ -100,27 +105,37 @@ class Problem:
             shared["calib"] = s.resolve_path(s.calib)
         return shared
 
-    def steps(self, assignment: Mapping[str, Candidate]) -> list[dict[str, Any]]:
-        gguf = self.settings.space.gguf_mix if self.budget.kind == "gguf" else None
-        return recipe_for(assignment, self.groups, self.arch, self.quantize_settings(), gguf, name=self.folder.name)
+    @property
+    def drop_options(self) -> list[int]:
+        return sorted(set(self.settings.space.drop_layers))
 
-    def validated(self, assignment: Mapping[str, Candidate]) -> list[tuple[str, Any]]:
+    def dropped(self, drop: int) -> list[int]:
+        """The layers a trial that drops ``drop`` of them removes: the least influential."""
+        if drop and len(self.layer_order) < drop:
+            raise WeightsmithError(None, "the layers' influence was not measured")
+        return sorted(self.layer_order[:drop])
+
+    def steps(self, assignment: Mapping[str, Candidate], drop: int = 0) -> list[dict[str, Any]]:
+        gguf = self.settings.space.gguf_mix if self.budget.kind == "gguf" else None
+        return recipe_for(assignment, self.groups, self.arch, self.quantize_settings(), gguf, name=self.folder.name, dropped=self.dropped(drop))
+
+    def validated(self, assignment: Mapping[str, Candidate], drop: int = 0) -> list[tuple[str, Any]]:
         out = []
-        for i, step in enumerate(self.steps(assignment), start=1):
+        for i, step in enumerate(self.steps(assignment, drop), start=1):
             values = dict(step)
             name = values.pop("pass")
             out.append((name, settings_from(name, values, context=f"step {i} ({name}): ")))
         return out
 
-    def size(self, assignment: Mapping[str, Candidate]) -> tuple[int, float]:
+    def size(self, assignment: Mapping[str, Candidate], drop: int = 0) -> tuple[int, float]:
         """(bytes of the output, bits per weight of its quantized linears), from headers and grids."""
-        key = json.dumps({g: c.name for g, c in sorted(assignment.items())})
+        key = json.dumps([{g: c.name for g, c in sorted(assignment.items())}, drop])
         if key not in self.sizes:
             if self.sizer is None:
                 from weightsmith.sizing import Sizer
 
                 self.sizer = Sizer(self.folder)
-            est = self.sizer.estimate(self.validated(assignment))
+            est = self.sizer.estimate(self.validated(assignment, drop))
             self.sizes[key] = (int(est.bytes), float(est.bits_per_weight or 0.0))
         return self.sizes[key]
 
@@ -128,8 +143,12 @@ class Problem:
         """The figure the budget limits."""
         return size[1] if self.budget.kind == "bpw" else float(size[0])
 
-    def assignment(self, params: Mapping[str, str]) -> dict[str, Candidate]:
+    def assignment(self, params: Mapping[str, Any]) -> dict[str, Candidate]:
         return {g.name: Candidate.parse(params[g.name]) for g in self.groups}
+
+    @staticmethod
+    def drop_of(params: Mapping[str, Any]) -> int:
+        return int(params.get(DROP, 0))
 
     def uniform(self, cand: Candidate) -> dict[str, Candidate]:
         return {g.name: cand for g in self.groups}
@@ -169,7 +188,7 @@ class Scorer:
         self.calib_tokens = blocks(ids[: -s.proxy_tokens], s.seq_len, s.samples, runtime.seed, where=calib, bos=bos_id(tokenizer))
         self.model = load_model(problem.folder, torch.float32)
         ckpt = Checkpoint(problem.folder)
-        self.proxy = ProxyScorer(self.model, proxy_tokens, self.settings.ctx, bos_id(tokenizer))
+        self.proxy = ProxyScorer(self.model, proxy_tokens, self.settings.ctx, bos_id(tokenizer), problem.arch.layers)
         self.cache = CandidateCache(self.folder, lambda m: ckpt.get(f"{m}.weight"), self._hessians, self.settings, problem.arch, progress)
         self._H: dict | None = None
 
@@ -199,8 +218,14 @@ class Scorer:
         self._H = {m: stored[owner] for m, owner in json.loads(aliases.read_text()).items()}
         return self._H
 
-    def kl(self, assignment: Mapping[str, Candidate]) -> float:
-        return self.proxy.score({g.name: self.cache.get(g, assignment[g.name]) for g in self.problem.groups})
+    def kl(self, assignment: Mapping[str, Candidate], drop: int = 0) -> float:
+        dropped = set(self.problem.dropped(drop))
+        parts = {g.name: self.cache.get(g, assignment[g.name]) for g in self.problem.groups if not set(g.layers()) <= dropped}
+        return self.proxy.score(parts, skip=sorted(dropped))
+
+    def drop_sensitivity(self) -> dict[str, float]:
+        """KL to the original with only the ``k`` least influential layers dropped, for each ``k``."""
+        return {str(k): self.proxy.score({}, skip=self.problem.dropped(k)) for k in self.problem.drop_options if k}
 
     def sensitivity(self) -> dict[str, dict[str, float]]:
         """The sensitivity table, measured once per model, proxy settings, groups and candidates and
@@ -230,10 +255,10 @@ def _calib_path(settings: SearchSettings) -> Path:
     return path
 
 
-def additive_kl(sens: Mapping[str, Mapping[str, float]], assignment: Mapping[str, Candidate]) -> float:
-    """The KL a trial would have if the groups' sensitivities added up (the value recorded for a trial
-    that was not run because it is over budget)."""
-    return float(sum(sens[g][c.name] for g, c in assignment.items()))
+def additive_kl(sens: Mapping[str, Mapping[str, float]], assignment: Mapping[str, Candidate], drop_kl: float = 0.0) -> float:
+    """The KL a trial would have if the groups' sensitivities (and its dropped layers') added up (the
+    value recorded for a trial that was not run because it is over budget)."""
+    return float(sum(sens[g][c.name] for g, c in assignment.items())) + drop_kl
 
 
 def greedy_seed(problem: Problem, sens: Mapping[str, Mapping[str, float]]) -> dict[str, Candidate] | None:
@@ -309,23 +334,24 @@ def storage_of(settings: SearchSettings):
         return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=30, grace_period=120)
 
 
-def objective(problem: Problem, scorer: Scorer | None, sens: Mapping[str, Mapping[str, float]], worker: int = 0):
+def objective(problem: Problem, scorer: Scorer | None, sens: Mapping[str, Mapping[str, float]], worker: int = 0, drop_sens: Mapping[str, float] | None = None):
     """The trial function: choose, size, and score only what fits."""
 
     def run_trial(trial) -> float:
         trial.set_user_attr("worker", worker)
         names = [c.name for c in problem.candidates]
         assignment = {g.name: Candidate.parse(trial.suggest_categorical(g.name, names)) for g in problem.groups}
-        size = problem.size(assignment)
+        drop = int(trial.suggest_categorical(DROP, problem.drop_options)) if len(problem.drop_options) > 1 else 0
+        size = problem.size(assignment, drop)
         over = problem.measure(size) - problem.budget.limit
         trial.set_user_attr(SIZE, size[0])
         trial.set_user_attr(BPW, size[1])
         trial.set_constraint(CONSTRAINT, over)
         if over > 0 or scorer is None:
             trial.set_user_attr(SCORED, False)
-            return additive_kl(sens, assignment)
+            return additive_kl(sens, assignment, (drop_sens or {}).get(str(drop), 0.0))
         start = time.perf_counter()
-        value = scorer.kl(assignment)
+        value = scorer.kl(assignment, drop)
         trial.set_user_attr(SCORED, True)
         trial.set_user_attr("seconds", round(time.perf_counter() - start, 3))
         return value
@@ -346,10 +372,11 @@ def run_trials(settings: SearchSettings, runtime: Runtime, n_trials: int, worker
     problem = Problem.open(settings)
     study = open_study(settings, problem, runtime.seed + worker)
     sens = study.user_attrs["sensitivity"]
+    problem.layer_order = study.user_attrs.get("layer_order", [])
     scorer = Scorer(problem, runtime)
     callbacks = [on_trial] if on_trial is not None else []
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study.optimize(objective(problem, scorer, sens, worker), n_trials=n_trials, callbacks=callbacks, gc_after_trial=False)
+    study.optimize(objective(problem, scorer, sens, worker, study.user_attrs.get("drop_sensitivity")), n_trials=n_trials, callbacks=callbacks, gc_after_trial=False)
 
 
 def _worker_main(settings_json: dict, source: str | None, runtime_fields: dict, n_trials: int, worker: int) -> None:
@@ -467,10 +494,17 @@ def run(inputs: Sequence, dest: Path, settings: SearchSettings, runtime: Runtime
     study = open_study(settings, problem, runtime.seed, create=True)
     log.info("study %s: %d candidates per group, %d groups, budget %s", study.study_name, len(problem.candidates), len(problem.groups), problem.budget.describe())
     scorer = Scorer(problem, runtime, progress=say)
+    if any(problem.drop_options):
+        if "layer_order" not in study.user_attrs:
+            study.set_user_attr("layer_order", scorer.proxy.layer_order())
+        problem.layer_order = study.user_attrs["layer_order"]
+        if "drop_sensitivity" not in study.user_attrs:
+            study.set_user_attr("drop_sensitivity", scorer.drop_sensitivity())
     if "sensitivity" not in study.user_attrs:
         sens = scorer.sensitivity()
         study.set_user_attr("sensitivity", sens)
     sens = study.user_attrs["sensitivity"]
+    drop_sens = study.user_attrs.get("drop_sensitivity", {})
     if not study.get_trials(deepcopy=False):
         _enqueue_seeds(study, problem, sens)
     remaining = settings.trials - len(finished(study))
@@ -495,7 +529,7 @@ def run(inputs: Sequence, dest: Path, settings: SearchSettings, runtime: Runtime
             import optuna
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
-            study.optimize(objective(problem, scorer, sens), n_trials=parts[0], callbacks=[on_trial], gc_after_trial=False)
+            study.optimize(objective(problem, scorer, sens, 0, drop_sens), n_trials=parts[0], callbacks=[on_trial], gc_after_trial=False)
         finally:
             for p in procs:
                 p.join()
@@ -517,7 +551,7 @@ def run(inputs: Sequence, dest: Path, settings: SearchSettings, runtime: Runtime
     built = []
     for i, t in enumerate(chosen, start=1):
         say(i, len(chosen) + len(settings.baselines), f"rebuilding trial {t.number} with sequential calibration")
-        b = rebuild(problem, problem.steps(problem.assignment(t.params)), work, f"trial-{t.number}", runtime)
+        b = rebuild(problem, problem.steps(problem.assignment(t.params), problem.drop_of(t.params)), work, f"trial-{t.number}", runtime)
         b.trial, b.proxy_kl = t.number, t.value
         built.append(b)
     for name in settings.baselines:
@@ -535,7 +569,7 @@ def run(inputs: Sequence, dest: Path, settings: SearchSettings, runtime: Runtime
     else:
         shutil.copy2(best.path, tmp / "model.gguf")
     timings["rebuild_s"] = time.perf_counter() - start - timings["setup_s"] - timings["trials_s"]
-    write_outputs(tmp, problem, study, trials, front, built, best, sens, timings)
+    write_outputs(tmp, problem, study, trials, front, built, best, sens, timings, drop_sens)
     parameters = _parameters(best.path)
     shutil.rmtree(work)
     if dest.exists():

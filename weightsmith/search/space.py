@@ -102,11 +102,18 @@ def group_modules(group: Group, arch: Arch) -> list[str]:
     return [f"{arch.layer_prefix(i)}{lin}" for i in group.layers() for lin in arch.linears if linear_kind(lin) == group.kind]
 
 
-def group_pattern(group: Group, arch: Arch) -> str:
-    """A ``re:`` target pattern matching exactly the group's modules."""
+def group_pattern(group: Group, arch: Arch, layers: Sequence[int] | None = None) -> str:
+    """A ``re:`` target pattern matching exactly the group's modules (in ``layers``, the group's layers
+    as numbered after some were dropped, when given)."""
     lins = "|".join(re.escape(lin) for lin in arch.linears if linear_kind(lin) == group.kind)
-    layers = "|".join(str(i) for i in group.layers())
-    return f"re:{re.escape(arch.layers)}\\.({layers})\\.({lins})"
+    indices = "|".join(str(i) for i in (group.layers() if layers is None else layers))
+    return f"re:{re.escape(arch.layers)}\\.({indices})\\.({lins})"
+
+
+def renumbered(group: Group, dropped: Sequence[int]) -> list[int]:
+    """The group's layers that remain after ``dropped`` are removed, by their new indices."""
+    gone = set(dropped)
+    return [i - sum(1 for d in gone if d < i) for i in group.layers() if i not in gone]
 
 
 def recipe_for(
@@ -116,21 +123,27 @@ def recipe_for(
     quantize: Mapping[str, Any],
     gguf: str | None = None,
     name: str | None = None,
+    dropped: Sequence[int] = (),
 ) -> list[dict[str, Any]]:
     """The recipe steps that build the model a trial describes: one quantize step whose overrides give
     each group its candidate (``quantize`` holds the shared settings: calibration, damp, ...), packed
     so that the bits show in the file, and with
     ``gguf`` (a llama.cpp mix for the tensors outside the groups, e.g. ``q4_k_m``) the quantize step
     chooses codes on the GGUF grids and a last step exports the file, ``name`` its ``general.name`` (so
-    the file does not depend on the folder the quantize step wrote). Pure: same inputs, same steps."""
+    the file does not depend on the folder the quantize step wrote). ``dropped`` decoder layers are
+    removed first by a structured prune step, and the groups' overrides name the layers that remain
+    by their new indices. Pure: same inputs, same steps."""
     first = assignment[groups[0].name]
     step: dict[str, Any] = {"pass": "quantize", **quantize, "method": first.method}
     if gguf is not None:
         step["format"] = f"gguf:{gguf}"
     else:
         step.update(bits=first.bits, group_size=first.group_size, symmetric=first.symmetric, format="packed")
-    step["overrides"] = [{"match": group_pattern(g, arch), **assignment[g.name].override()} for g in groups]
+    kept = [(g, renumbered(g, dropped)) for g in groups]
+    step["overrides"] = [{"match": group_pattern(g, arch, layers), **assignment[g.name].override()} for g, layers in kept if layers]
     steps = [step]
+    if dropped:
+        steps.insert(0, {"pass": "prune", "structured": {"layers": sorted(dropped)}})
     if gguf is not None:
         steps.append({"pass": "gguf", "type": gguf, **({"name": name} if name else {})})
     return steps
