@@ -12,7 +12,8 @@ from weightsmith.checkpoint import DEFAULT_MAX_SHARD_SIZE, Checkpoint
 from weightsmith.errors import WeightsmithError
 from weightsmith.passes import run_pass, settings_from
 from weightsmith.runtime import Runtime
-from weightsmith.sizing import HEADER_RESERVE, Sizer, estimate, recipe_folder_name
+from weightsmith.recipe import load_recipe, run_recipe
+from weightsmith.sizing import HEADER_RESERVE, Sizer, estimate
 
 from .conftest import SAMPLE_TEXT, make_tiny_llama
 
@@ -46,8 +47,9 @@ def on_disk(path: Path) -> dict[str, int]:
 
 
 def run_and_compare(model: Path, steps: list[tuple[str, dict]], tmp_path: Path, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, threads: int | None = 1):
-    """Run ``steps`` with the real passes (intermediate folders named as a recipe names them), estimate
-    them from ``model``'s headers, and assert every step's files and the last report's figures match;
+    """Run ``steps`` with the real passes (intermediate folders named like the model, which a GGUF
+    export records as ``weightsmith run`` does), estimate them from ``model``'s headers, and assert
+    every step's files and the last report's figures match;
     the last step is also estimated from the folder the step before it wrote (a packed checkpoint's
     shape tensors, GGUF blocks read back as a layout). Returns the estimate and the last report."""
     parsed = [(name, settings_from(name, values)) for name, values in steps]
@@ -55,7 +57,8 @@ def run_and_compare(model: Path, steps: list[tuple[str, dict]], tmp_path: Path, 
     result = estimate(model, parsed, max_shard_size=max_shard_size)
     current = model
     for i, (name, settings) in enumerate(parsed, start=1):
-        out = tmp_path / recipe_folder_name(i, name) if i < len(parsed) else tmp_path / ("out.gguf" if name == "gguf" else "out")
+        out = tmp_path / f"step-{i}" / model.name if i < len(parsed) else tmp_path / ("out.gguf" if name == "gguf" else "out")
+        out.parent.mkdir(exist_ok=True)
         report = run_pass(name, [current], out, settings, runtime)
         assert result.steps[i - 1].files == on_disk(out), f"step {i} ({name})"
         if i > 1:
@@ -225,6 +228,22 @@ def test_chains(models, tmp_path, model, steps, kept):
     _, report = run_and_compare(models[model], steps, tmp_path, SHARD)
     if kept:  # the export wrote the packed codes (or the GGUF blocks) as they are
         assert report.extra["kept_codes"] > 0
+
+
+def test_a_recipe_run_writes_what_was_estimated(models, tmp_path):
+    """``weightsmith run``'s runner (step cache folders, the export named after the input model)
+    writes the bytes the estimate of the same recipe file gives."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "steps:\n"
+        "  - {pass: prune, structured: 'mlp=0.25', importance: magnitude, align: 16}\n"
+        "  - {pass: quantize, method: rtn, format: 'gguf:q4_k_m'}\n"
+        "  - {pass: gguf, type: q4_k_m}\n"
+    )
+    steps = load_recipe(recipe)
+    out = tmp_path / "out.gguf"
+    run_recipe(steps, models["wide"], out, Runtime(workdir=tmp_path / "work", threads=1))
+    assert estimate(models["wide"], steps).bytes == out.stat().st_size
 
 
 def test_reads_headers_only(models, monkeypatch):

@@ -54,19 +54,13 @@ if TYPE_CHECKING:
     from compress.prune.config import PruneConfig
     from weightsmith.copying import CopySettings
 
-__all__ = ["Estimate", "Layout", "Sizer", "StepEstimate", "TensorSpec", "estimate", "folder_files", "recipe_folder_name"]
+__all__ = ["Estimate", "Layout", "Sizer", "StepEstimate", "TensorSpec", "estimate", "folder_files"]
 
 #: The room CheckpointWriter reserves for each shard's header (its default, read from its signature so
 #: that the two cannot drift apart).
 HEADER_RESERVE: int = inspect.signature(CheckpointWriter.__init__).parameters["header_reserve"].default
 #: The header metadata of every shard the writer writes.
 SHARD_METADATA = {"format": "pt"}
-
-
-def recipe_folder_name(index: int, pass_name: str) -> str:
-    """The folder name of step ``index``'s output (1-based) when :func:`weightsmith.recipe.run_recipe`
-    runs it as an intermediate step. Only the GGUF export reads it: it becomes ``general.name``."""
-    return f"step-{index}-{pass_name}"
 
 
 @dataclass(frozen=True)
@@ -99,7 +93,9 @@ class Layout:
     ``in``, ``config``, ``folder``) so that the passes' own planning functions take it as it is.
 
     ``folder`` is the real folder whose tokenizer files and config the output carries (the recipe's
-    input: every pass copies them through); ``name`` is the folder name the output would have.
+    input: every pass copies them through); ``name`` is the name a GGUF export of it records
+    (``general.name``) unless its settings give one: the input model's name all along the chain, as
+    ``weightsmith run`` names the export (a single export names it after its input folder, the same).
     ``values`` holds the few integer tensors whose values the planning reads (a packed linear's
     ``weight_shape``); ``extra`` the extra files: file name -> (tensor, header note) in write order."""
 
@@ -111,9 +107,10 @@ class Layout:
     extra: dict[str, list[tuple[TensorSpec, str | None]]] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, ckpt: Checkpoint) -> Layout:
-        """The layout of a checkpoint on disk: its headers, its packed linears' shape tensors (two
-        integers each, the only data read) and the header of its GGUF blocks file."""
+    def of(cls, ckpt: Checkpoint, name: str | None = None) -> Layout:
+        """The layout of a checkpoint on disk (named ``name``, default its folder's name): its headers,
+        its packed linears' shape tensors (two integers each, the only data read) and the header of
+        its GGUF blocks file."""
         from compress.quantize import GGUF_BLOCKS
 
         tensors = {name: TensorSpec(name, ckpt.info(name).st_dtype, tuple(ckpt.info(name).shape)) for name in ckpt.names()}
@@ -128,7 +125,7 @@ class Layout:
             header = read_header(blocks)
             entries = sorted(header.tensors.values(), key=lambda e: e.start)
             extra[GGUF_BLOCKS] = [(TensorSpec(e.name, e.dtype, e.shape), header.metadata.get(e.name)) for e in entries]
-        return cls(ckpt.folder, ckpt.folder.name, dict(ckpt.config), tensors, values, extra)
+        return cls(ckpt.folder, ckpt.folder.name if name is None else name, dict(ckpt.config), tensors, values, extra)
 
     def names(self) -> list[str]:
         """Tensor names in storage order."""
@@ -214,8 +211,8 @@ class _Output:
     def add_extra(self, fname: str, name: str, shape: Sequence[int], note: str | None) -> None:
         self.extra.setdefault(fname, []).append((TensorSpec(name, "U8", tuple(shape)), note))
 
-    def layout(self, name: str, config: dict) -> Layout:
-        return Layout(self.src.folder, name, config, self.tensors, self.values, self.extra)
+    def layout(self, config: dict) -> Layout:
+        return Layout(self.src.folder, self.src.name, config, self.tensors, self.values, self.extra)
 
 
 def folder_files(layout: Layout, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> dict[str, int]:
@@ -445,12 +442,12 @@ class Sizer:
     """Estimates for one input model; caches its headers and its GGUF vocabulary's header bytes, so
     that estimating many recipes (a search's trials) costs milliseconds each."""
 
-    def __init__(self, model: str | Path | Checkpoint, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, folder_name: Callable[[int, str], str] = recipe_folder_name) -> None:
+    def __init__(self, model: str | Path | Checkpoint, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> None:
         from weightsmith.passes import open_input
 
-        self.source = Layout.of(open_input(model))
+        # named as a recipe names its input (a hub id's snapshot folder would be a commit hash)
+        self.source = Layout.of(open_input(model), None if isinstance(model, Checkpoint) else Path(model).name)
         self.max_shard_size = max_shard_size
-        self.folder_name = folder_name
         self._vocab_bytes: dict[tuple[str, str, str], int] = {}
 
     def estimate(self, steps: Sequence[tuple[str, BaseModel]]) -> Estimate:
@@ -472,7 +469,7 @@ class Sizer:
             if name not in _FOLDER_PASSES:
                 raise WeightsmithError(None, f"step {i} ({name}): the size of its output is not estimated before running (estimated passes: {', '.join([*_FOLDER_PASSES, 'gguf'])})")
             out, config, bits = _FOLDER_PASSES[name](layout, settings)
-            layout = out.layout(self.folder_name(i, name), config)
+            layout = out.layout(config)
             done.append(StepEstimate(name, folder_files(layout, self.max_shard_size), logical_parameters(layout), bits))
         return Estimate(done)
 
@@ -528,14 +525,7 @@ def _header_bytes(build: Callable[[Path], Any]) -> tuple[int, int]:
         return os.path.getsize(path), writer.data_alignment
 
 
-def estimate(
-    model_folder: str | Path | Checkpoint,
-    steps: Sequence[tuple[str, BaseModel]],
-    *,
-    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
-    folder_name: Callable[[int, str], str] = recipe_folder_name,
-) -> Estimate:
+def estimate(model_folder: str | Path | Checkpoint, steps: Sequence[tuple[str, BaseModel]], *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Estimate:
     """The exact size of what ``steps`` write from ``model_folder``, from headers only: see
-    :class:`Sizer` (keep one to estimate many recipes of the same model). ``folder_name(i, pass)``
-    names step ``i``'s output folder (a GGUF export records its input folder's name)."""
-    return Sizer(model_folder, max_shard_size=max_shard_size, folder_name=folder_name).estimate(steps)
+    :class:`Sizer` (keep one to estimate many recipes of the same model)."""
+    return Sizer(model_folder, max_shard_size=max_shard_size).estimate(steps)
