@@ -74,3 +74,18 @@ def test_status_is_one_plain_line_off_a_terminal():
     with status(Console(file=stream, force_terminal=False), "fetching the model"):
         pass
     assert stream.getvalue() == "fetching the model\n"
+
+
+def test_plain_progress_a_finished_phase_does_not_silence_the_next():
+    stream, clock = io.StringIO(), FakeClock()
+    bar = PlainProgress(stream, interval=10.0, clock=clock)
+    task = bar.add_task("search", total=None)
+    clock.now += 11.0
+    bar.update(task, completed=4, total=4, description="input Hessians")
+    clock.now += 5.0
+    bar.update(task, completed=1, total=8, description="sensitivity attn.0-7")
+    bar.update(task, completed=1, total=8)  # same phase, within the interval: quiet
+    assert stream.getvalue().splitlines() == [
+        "input Hessians: 4/4 done in 0:11",
+        "sensitivity attn.0-7: 1/8 (12%), 0:16 elapsed, about 1:52 left",
+    ]

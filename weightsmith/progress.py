@@ -90,8 +90,9 @@ class PlainProgress:
         task = self.tasks[task_id]
         now = self.clock()
         new_phase = description is not None and description != task.description
-        if new_phase:
+        if new_phase:  # a task may go through several phases, each counted to its own total
             task.description = description
+            task.finished = False
         if total is not None:
             task.total = total
         if completed is not None:
