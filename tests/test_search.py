@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -338,3 +339,38 @@ def test_dropping_layers_in_the_proxy_is_the_pruned_model(tmp_path, tiny4):
     targets = [t for g in config["quantization_config"]["config_groups"].values() for t in g["targets"]]
     assert sorted({int(t.split(".")[2]) for t in targets}) == [0, 1, 2] and len(targets) == 3 * 7
     assert sum(f.stat().st_size for f in out.glob("*.safetensors")) == problem.size(assignment, 1)[0]
+
+
+def _fit_budget(tmp_path: Path, model: Path, cli, trials: int | None) -> None:
+    """The fit-budget preset run as a user runs it (`weightsmith run RECIPE OUT --model M`), as it is
+    or with fewer trials: a packed model within 4.25 bits per weight, the search's files beside it."""
+    from weightsmith.paths import asset
+    from weightsmith.recipe import preset_path
+
+    if asset("text/wikitext2-test-calib.raw") is None:
+        pytest.skip("the preset calibrates on the assets' WikiText-2 text (set WEIGHTSMITH_ASSETS)")
+    recipe = preset_path("fit-budget")
+    if trials is not None:
+        doc = yaml.safe_load(recipe.read_text())
+        doc["steps"][0]["trials"] = trials
+        recipe = tmp_path / "fit-budget.yaml"
+        recipe.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "out"
+    result = cli("run", recipe, out, "--model", model, "--workdir", tmp_path / "work")
+    assert result.exit_code == 0, result.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "pack-quantized"
+    rows = list(csv.DictReader(open(out / "pareto.csv")))
+    number = re.search(r"Best: trial (\d+),", (out / "report.md").read_text())[1]
+    best = next(r for r in rows if r["label"] == f"trial-{number}")
+    assert 0 < float(best["bits_per_weight"]) <= 4.25 and int(best["bytes_on_disk"]) == int(best["estimated_bytes"])
+    assert len(yaml.safe_load((out / "best-recipe.yaml").read_text())["steps"]) == 1
+
+
+def test_fit_budget_preset_with_few_trials(tmp_path, tiny4, cli):
+    _fit_budget(tmp_path, tiny4, cli, trials=4)
+
+
+@pytest.mark.slow
+def test_fit_budget_preset_as_shipped(tmp_path, tiny4, cli):
+    _fit_budget(tmp_path, tiny4, cli, trials=None)

@@ -543,7 +543,11 @@ def run(inputs: Sequence, dest: Path, settings: SearchSettings, runtime: Runtime
     front = pareto(trials)
     chosen = sorted(front, key=lambda t: t.value)[: settings.front]
     if not chosen:
-        raise WeightsmithError(None, f"no trial fits the budget ({problem.budget.describe()}); raise the budget or widen the space")
+        smallest = min(problem.measure((t.user_attrs[SIZE], t.user_attrs[BPW])) for t in trials)
+        need = f"{smallest:.3f} bits per weight" if problem.budget.kind == "bpw" else f"{smallest / 1e6:.2f} MB"
+        raise WeightsmithError(
+            None, f"no trial fits the budget ({problem.budget.describe()}): the smallest trial needs {need}; raise the budget or add smaller settings to the space"
+        )
     tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     work = tmp / ".work"
