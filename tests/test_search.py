@@ -374,3 +374,10 @@ def test_fit_budget_preset_with_few_trials(tmp_path, tiny4, cli):
 @pytest.mark.slow
 def test_fit_budget_preset_as_shipped(tmp_path, tiny4, cli):
     _fit_budget(tmp_path, tiny4, cli, trials=None)
+
+
+def test_a_budget_nothing_fits_stops_before_any_work(tmp_path, tiny4, cli):
+    result = cli("search", spec(tmp_path, tiny4), tmp_path / "out", "--budget", "1000B", "--storage", f"sqlite:///{tmp_path / 's.db'}")
+    assert result.exit_code == 2
+    assert "nothing in the space fits the budget (checkpoint of at most 1000 bytes): the smallest model needs" in result.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "s.db").exists()

@@ -48,7 +48,8 @@ class Budget:
         if self.kind == "bpw":
             return f"{self.limit:g} bits per weight"
         what = "GGUF file" if self.kind == "gguf" else "checkpoint"
-        return f"{what} of at most {self.limit / 1e6:.2f} MB"
+        size = f"{self.limit / 1e6:.2f} MB" if self.limit >= 1e5 else f"{self.limit:.0f} bytes"
+        return f"{what} of at most {size}"
 
 
 class Space(BaseModel):

@@ -491,6 +491,11 @@ def run(inputs: Sequence, dest: Path, settings: SearchSettings, runtime: Runtime
     start = time.perf_counter()
     problem = Problem.open(settings)
     say = runtime.progress or (lambda done, total, what: None)
+    if not any(problem.drop_options):
+        smallest = min(problem.measure(problem.size(problem.uniform(c))) for c in problem.candidates)
+        if smallest > problem.budget.limit:
+            need = f"{smallest:.3f} bits per weight" if problem.budget.kind == "bpw" else f"{smallest / 1e6:.2f} MB"
+            raise WeightsmithError(None, f"nothing in the space fits the budget ({problem.budget.describe()}): the smallest model needs {need}")
     study = open_study(settings, problem, runtime.seed, create=True)
     log.info("study %s: %d candidates per group, %d groups, budget %s", study.study_name, len(problem.candidates), len(problem.groups), problem.budget.describe())
     scorer = Scorer(problem, runtime, progress=say)
