@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from merge.methods import METHODS
@@ -212,15 +211,9 @@ def _describe(exc: ValidationError) -> str:
 
 def read_config_file(path: Path) -> dict[str, Any]:
     """The mapping a YAML merge config file holds, or a one-line error naming the file."""
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise WeightsmithError(path, "no such file") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise WeightsmithError(path, f"not a readable YAML file: {str(exc).splitlines()[0]}") from None
-    if not isinstance(doc, dict):
-        raise WeightsmithError(path, "a merge config is a YAML mapping (merge_method, models or slices, ...)")
-    return doc
+    from weightsmith.checkpoint import read_yaml_mapping
+
+    return read_yaml_mapping(path, "a merge config is a YAML mapping (merge_method, models or slices, ...)")
 
 
 def load_config(source: str | Path | dict | MergeConfig) -> tuple[MergeConfig, Path | None]:

@@ -519,6 +519,22 @@ def read_json_object(path: Path) -> dict:
     return doc
 
 
+def read_yaml_mapping(path: Path, what: str) -> dict:
+    """A YAML file that must hold a mapping (a merge config, a search spec); a one-line error naming
+    the file otherwise, ``what`` saying what the file should be."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise WeightsmithError(path, "no such file") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise WeightsmithError(path, f"not a readable YAML file: {str(exc).splitlines()[0]}") from None
+    if not isinstance(doc, dict):
+        raise WeightsmithError(path, what)
+    return doc
+
+
 def _write_json(path: Path, doc: dict) -> None:
     path.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from weightsmith.errors import WeightsmithError
@@ -155,15 +154,9 @@ class SearchSettings(SearchSpec):
     @classmethod
     def read_file(cls, path: Path) -> dict[str, Any]:
         """The mapping a spec file holds, or a one-line error naming the file."""
-        try:
-            doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise WeightsmithError(path, "no such file") from None
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise WeightsmithError(path, f"not a readable YAML file: {str(exc).splitlines()[0]}") from None
-        if not isinstance(doc, dict):
-            raise WeightsmithError(path, "a search spec is a YAML mapping (model, space, ...)")
-        return doc
+        from weightsmith.checkpoint import read_yaml_mapping
+
+        return read_yaml_mapping(path, "a search spec is a YAML mapping (model, space, ...)")
 
     def read_from(self, path: Path | None) -> SearchSettings:
         """These settings, with relative paths found beside the spec file ``path``."""
