@@ -381,3 +381,50 @@ def test_a_budget_nothing_fits_stops_before_any_work(tmp_path, tiny4, cli):
     assert result.exit_code == 2
     assert "nothing in the space fits the budget (checkpoint of at most 1000 bytes): the smallest model needs" in result.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "s.db").exists()
+
+
+def test_sparse_candidates_names_recipe_and_proxy(tmp_path, tiny4):
+    """A group may be pruned (Wanda, a share or N:M) before it is quantized: the candidate's name
+    round-trips, the recipe prunes exactly the sparse groups first, the proxy's weights hold the
+    pattern, and the rebuilt model keeps it under quantization, at the estimated bytes."""
+    from weightsmith.checkpoint import Checkpoint
+    from weightsmith.recipe import run_recipe
+    from weightsmith.runtime import Runtime
+    from weightsmith.search.run import Problem, Scorer, _validate
+
+    for c in (Candidate("gptq", 4, 32, sparsity="2:4"), Candidate("rtn", 8, 64, sparsity="0.5"), Candidate("awq", gguf_type="q4_0", sparsity="4:8")):
+        assert Candidate.parse(c.name) == c
+    assert Candidate("gptq", 4, 32, sparsity="2:4").name == "gptq-w4g32-sp2of4"
+    space = {"depth_groups": 2, "bits": [4], "group_size": [32], "sparsity": [0, "2:4"]}
+    problem = Problem.open(search_settings(spec(tmp_path, tiny4, space=space), budget="1TB"))
+    assert [c.name for c in problem.candidates] == ["gptq-w4g32", "gptq-w4g32-sp2of4"]
+    dense, sparse = problem.candidates
+    assignment = {"attn.0-1": sparse, "mlp.0-1": dense, "attn.2-3": dense, "mlp.2-3": sparse}
+    steps = problem.steps(assignment)
+    assert [s["pass"] for s in steps] == ["prune", "quantize"] and steps[0]["method"] == "wanda" and steps[0]["sparsity"] == 0.0
+    assert [o["pattern"] for o in steps[0]["overrides"]] == ["2:4", "2:4"]
+    assert problem.steps(problem.uniform(dense))[0]["pass"] == "quantize"
+
+    def two_of_four(w: torch.Tensor) -> bool:
+        nz = (w.reshape(w.shape[0], -1, 4) != 0).sum(-1)
+        return bool((nz <= 2).all())
+
+    scorer = Scorer(problem, Runtime())
+    group = problem.groups[0]
+    for module, w in scorer.cache.get(group, sparse).items():
+        assert two_of_four(w), module
+    assert scorer.kl(assignment) > scorer.kl(problem.uniform(dense)) > 0
+
+    out = tmp_path / "out"
+    run_recipe(_validate(steps), problem.folder, out, Runtime(workdir=tmp_path / "work"))
+    assert sum(f.stat().st_size for f in out.glob("*.safetensors")) == problem.size(assignment)[0]
+    from weightsmith.models import load_model
+
+    model = load_model(out)
+    model(torch.zeros(1, 2, dtype=torch.long))  # compressed weights are decompressed on first use
+    for i in range(4):
+        for lin in ("self_attn.q_proj", "mlp.down_proj"):
+            w = model.get_submodule(f"model.layers.{i}.{lin}").weight
+            sparse_group = (i < 2) == (lin.startswith("self_attn"))
+            assert two_of_four(w) == sparse_group, (i, lin)
+    assert Checkpoint(out).config["num_hidden_layers"] == 4

@@ -64,6 +64,12 @@ class Space(BaseModel):
         description="Methods a group may take (at equal size GPTQ usually beats the others; each one added multiplies the candidates).",
     )
     symmetric: bool = Field(True, description="Symmetric grids (the packed format then loads compressed everywhere).")
+    sparsity: list[float | str] = Field(
+        default_factory=lambda: [0],
+        description="Wanda pruning a group may take before it is quantized: 0 (none), a share (0.5) or an N:M pattern ('2:4'). "
+        "Zeros stored in packed or GGUF weights do not shrink the file: a size budget gains nothing from them; "
+        "they are for runtimes with sparse kernels.",
+    )
     drop_layers: list[int] = Field(
         default_factory=lambda: [0],
         description="Numbers of decoder layers a trial may drop (the least influential ones, removed by structured pruning before quantizing).",
@@ -80,6 +86,24 @@ class Space(BaseModel):
         if bad or not value:
             raise ValueError(f"bits must be a non-empty list of {', '.join(map(str, BITS))}, got {value}")
         return sorted(set(value))
+
+    @field_validator("sparsity")
+    @classmethod
+    def _sparsity(cls, value: list[float | str]) -> list[float | str]:
+        from compress.prune.config import parse_nm
+
+        if not value:
+            raise ValueError("sparsity must list at least one choice (0 for none)")
+        for v in value:
+            if isinstance(v, str):
+                parse_nm(v)
+            elif not 0.0 <= v < 1.0:
+                raise ValueError(f"sparsity shares lie in [0, 1), got {v}")
+        return value
+
+    def sparsities(self) -> list[str | None]:
+        """The sparsity choices as candidates hold them (None: dense)."""
+        return [None if v == 0 else (v if isinstance(v, str) else f"{v:g}") for v in self.sparsity]
 
     @field_validator("drop_layers")
     @classmethod

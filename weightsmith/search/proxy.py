@@ -15,7 +15,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -57,6 +57,15 @@ def candidate_weight(w: Tensor, hessian: Tensor | None, cand: Candidate, setting
     from compress.quantize import _rtn, dequantized
 
     grid = GGUFGrid(cand.gguf_type) if cand.gguf_type else QuantGrid(bits=cand.bits, symmetric=cand.symmetric, group_size=cand.group_size)
+    if cand.sparsity is not None:
+        if hessian is None:
+            raise ValueError("a sparse candidate needs the input Hessian (Wanda's input norms)")
+        mask = wanda_mask(w, hessian, cand.sparsity)
+        if cand.method == "gptq" and isinstance(grid, QuantGrid):  # GPTQ compensates the pruned weights' error too
+            q, _ = gptq_quantize(w.float(), hessian, grid, damp=settings.damp, block_size=settings.block_size, act_order=settings.act_order, mask=mask)
+            return dequantized(q).to(w.dtype)
+        dense = replace(cand, sparsity=None)
+        return candidate_weight(w.masked_fill(mask, 0), hessian, dense, settings).masked_fill(mask, 0)
     if cand.method == "awq" and hessian is not None:
         return awq_from_hessian(w, hessian, grid)
     if cand.method == "rtn" or hessian is None:
@@ -66,6 +75,17 @@ def candidate_weight(w: Tensor, hessian: Tensor | None, cand: Candidate, setting
     else:
         q, _ = gptq_quantize(w.float(), hessian, grid, damp=settings.damp, block_size=settings.block_size, act_order=settings.act_order)
     return dequantized(q).to(w.dtype)
+
+
+def wanda_mask(w: Tensor, hessian: Tensor, sparsity: str) -> Tensor:
+    """Wanda's mask (https://arxiv.org/abs/2306.11695; True = pruned) of ``w`` at a share (``"0.5"``,
+    per output row) or an N:M pattern (``"2:4"``), the input norms taken from the Hessian's diagonal
+    (proportional to them, which ranks the same)."""
+    from compress.prune.config import parse_nm
+    from compress.prune.masks import nm_mask, row_mask, wanda_scores
+
+    scores = wanda_scores(w, torch.diagonal(hessian.to(torch.float32)).clamp(min=0).sqrt())
+    return nm_mask(scores, parse_nm(sparsity)) if ":" in sparsity else row_mask(scores, float(sparsity))
 
 
 def pseudo_inputs(hessian: Tensor, damp: float = 1e-6) -> Tensor:
@@ -167,7 +187,7 @@ class CandidateCache:
             path.parent.mkdir(parents=True, exist_ok=True)
             with FileLock(str(path) + ".lock"):
                 if not path.exists():
-                    H = self.hessians() if cand.method != "rtn" else {}
+                    H = self.hessians() if cand.method != "rtn" or cand.sparsity is not None else {}
                     modules = group_modules(group, self.arch)
                     out = {}
                     for i, m in enumerate(modules):

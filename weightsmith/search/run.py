@@ -49,8 +49,14 @@ def candidates_of(settings: SearchSettings) -> list[Candidate]:
     """Every candidate a group may take under the settings' space and budget kind."""
     space = settings.space
     if settings.budget_value.kind == "gguf":
-        return [Candidate(m, gguf_type=t) for m in space.method for t in space.gguf_types]
-    return [Candidate(m, bits=b, group_size=g, symmetric=space.symmetric) for m in space.method for b in space.bits for g in space.group_size]
+        return [Candidate(m, gguf_type=t, sparsity=sp) for sp in space.sparsities() for m in space.method for t in space.gguf_types]
+    return [
+        Candidate(m, bits=b, group_size=g, symmetric=space.symmetric, sparsity=sp)
+        for sp in space.sparsities()
+        for m in space.method
+        for b in space.bits
+        for g in space.group_size
+    ]
 
 
 def model_key(folder: Path) -> str:
@@ -98,9 +104,10 @@ class Problem:
         n_layers = arch.num_layers(ckpt.config)
         return cls(settings, folder, make_groups(n_layers, settings.space.depth_groups), candidates_of(settings), settings.budget_value, arch, model_key(folder))
 
-    def quantize_settings(self) -> dict[str, Any]:
+    def calibration(self) -> dict[str, Any]:
+        """The calibration settings every calibrated step of a trial's recipe takes."""
         s = self.settings
-        shared: dict[str, Any] = {"samples": s.samples, "seq_len": s.seq_len, "act_order": s.act_order}
+        shared: dict[str, Any] = {"samples": s.samples, "seq_len": s.seq_len}
         if s.calib is not None:
             shared["calib"] = s.resolve_path(s.calib)
         return shared
@@ -117,7 +124,8 @@ class Problem:
 
     def steps(self, assignment: Mapping[str, Candidate], drop: int = 0) -> list[dict[str, Any]]:
         gguf = self.settings.space.gguf_mix if self.budget.kind == "gguf" else None
-        return recipe_for(assignment, self.groups, self.arch, self.quantize_settings(), gguf, name=self.folder.name, dropped=self.dropped(drop))
+        quantize = {**self.calibration(), "act_order": self.settings.act_order}
+        return recipe_for(assignment, self.groups, self.arch, quantize, gguf, name=self.folder.name, dropped=self.dropped(drop), prune=self.calibration())
 
     def validated(self, assignment: Mapping[str, Candidate], drop: int = 0) -> list[tuple[str, Any]]:
         out = []

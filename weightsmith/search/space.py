@@ -32,30 +32,51 @@ class Candidate:
     group_size: int | None = None
     symmetric: bool = True
     gguf_type: str | None = None
+    #: Wanda pruning before quantizing: a share (``"0.5"``) or an N:M pattern (``"2:4"``)
+    sparsity: str | None = None
 
     @property
     def name(self) -> str:
-        if self.gguf_type is not None:
-            return f"{self.method}-{self.gguf_type}"
-        sym = "" if self.symmetric else "a"
-        return f"{self.method}-w{self.bits}{sym}g{self.group_size}"
+        grid = self.gguf_type if self.gguf_type is not None else f"w{self.bits}{'' if self.symmetric else 'a'}g{self.group_size}"
+        return f"{self.method}-{grid}{sparsity_suffix(self.sparsity)}"
 
     @classmethod
     def parse(cls, name: str) -> Candidate:
         """The inverse of :attr:`name`."""
+        sparse = re.search(r"-sp(\d+)of(\d+)$|-sp(\d+(?:\.\d+)?)$", name)
+        sparsity = None
+        if sparse:
+            name = name[: sparse.start()]
+            sparsity = f"{sparse[1]}:{sparse[2]}" if sparse[1] else f"{float(sparse[3]) / 100:g}"
         method, _, grid = name.partition("-")
         m = re.fullmatch(r"w(\d+)(a?)g(-?\d+)", grid)
         if m:
-            return cls(method, bits=int(m[1]), group_size=int(m[3]), symmetric=not m[2])
+            return cls(method, bits=int(m[1]), group_size=int(m[3]), symmetric=not m[2], sparsity=sparsity)
         if not grid:
             raise ValueError(f"not a candidate name: {name!r}")
-        return cls(method, gguf_type=grid)
+        return cls(method, gguf_type=grid, sparsity=sparsity)
+
+    def prune_override(self) -> dict[str, Any]:
+        """This candidate's sparsity as the fields of a prune override."""
+        if self.sparsity is None:
+            return {"sparsity": 0.0}
+        return {"pattern": self.sparsity} if ":" in self.sparsity else {"sparsity": float(self.sparsity)}
 
     def override(self) -> dict[str, Any]:
         """This candidate as the fields of a quantize override."""
         if self.gguf_type is not None:
             return {"method": self.method, "gguf_type": self.gguf_type}
         return {"method": self.method, "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+
+
+def sparsity_suffix(sparsity: str | None) -> str:
+    """``-sp2of4`` for an N:M pattern, ``-sp50`` for a share of 0.5, nothing for dense."""
+    if sparsity is None:
+        return ""
+    if ":" in sparsity:
+        n, m = sparsity.split(":")
+        return f"-sp{n}of{m}"
+    return f"-sp{float(sparsity) * 100:g}"
 
 
 @dataclass(frozen=True)
@@ -124,6 +145,7 @@ def recipe_for(
     gguf: str | None = None,
     name: str | None = None,
     dropped: Sequence[int] = (),
+    prune: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """The recipe steps that build the model a trial describes: one quantize step whose overrides give
     each group its candidate (``quantize`` holds the shared settings: calibration, damp, ...), packed
@@ -132,7 +154,9 @@ def recipe_for(
     chooses codes on the GGUF grids and a last step exports the file, ``name`` its ``general.name`` (so
     the file does not depend on the folder the quantize step wrote). ``dropped`` decoder layers are
     removed first by a structured prune step, and the groups' overrides name the layers that remain
-    by their new indices. Pure: same inputs, same steps."""
+    by their new indices. Candidates with a sparsity get a Wanda step before quantizing (``prune``: its
+    calibration settings), whose overrides give each group its share or N:M pattern; the quantize
+    step then keeps those zeros. Pure: same inputs, same steps."""
     first = assignment[groups[0].name]
     step: dict[str, Any] = {"pass": "quantize", **quantize, "method": first.method}
     if gguf is not None:
@@ -142,6 +166,10 @@ def recipe_for(
     kept = [(g, renumbered(g, dropped)) for g in groups]
     step["overrides"] = [{"match": group_pattern(g, arch, layers), **assignment[g.name].override()} for g, layers in kept if layers]
     steps = [step]
+    sparse = [(g, layers) for g, layers in kept if layers and assignment[g.name].sparsity is not None]
+    if sparse:
+        overrides = [{"match": group_pattern(g, arch, layers), **assignment[g.name].prune_override()} for g, layers in sparse]
+        steps.insert(0, {"pass": "prune", **(prune or {}), "method": "wanda", "sparsity": 0.0, "overrides": overrides})
     if dropped:
         steps.insert(0, {"pass": "prune", "structured": {"layers": sorted(dropped)}})
     if gguf is not None:
