@@ -311,7 +311,7 @@ def test_dropping_layers_in_the_proxy_is_the_pruned_model(tmp_path, tiny4):
     from weightsmith.passes import run_pass
     from weightsmith.recipe import run_recipe
     from weightsmith.runtime import Runtime
-    from weightsmith.search.run import Problem, Scorer, _validate
+    from weightsmith.search.run import Problem, Scorer, Shape, _validate
 
     space = {"depth_groups": 2, "bits": [8], "group_size": [32], "drop_layers": [0, 1]}
     problem = Problem.open(search_settings(spec(tmp_path, tiny4, space=space), budget="1TB"))
@@ -330,7 +330,7 @@ def test_dropping_layers_in_the_proxy_is_the_pruned_model(tmp_path, tiny4):
     assert sums.kl > 0
 
     assignment = problem.uniform(Candidate("gptq", 8, 32))
-    steps = problem.steps(assignment, 1)
+    steps = problem.steps(assignment, Shape(drop=1))
     assert steps[0] == {"pass": "prune", "structured": {"layers": dropped}}
     out = tmp_path / "out"
     run_recipe(_validate(steps), problem.folder, out, Runtime(workdir=tmp_path / "work"))
@@ -338,7 +338,7 @@ def test_dropping_layers_in_the_proxy_is_the_pruned_model(tmp_path, tiny4):
     assert config["num_hidden_layers"] == 3
     targets = [t for g in config["quantization_config"]["config_groups"].values() for t in g["targets"]]
     assert sorted({int(t.split(".")[2]) for t in targets}) == [0, 1, 2] and len(targets) == 3 * 7
-    assert sum(f.stat().st_size for f in out.glob("*.safetensors")) == problem.size(assignment, 1)[0]
+    assert sum(f.stat().st_size for f in out.glob("*.safetensors")) == problem.size(assignment, Shape(drop=1))[0]
 
 
 def _fit_budget(tmp_path: Path, model: Path, cli, trials: int | None) -> None:
@@ -428,3 +428,44 @@ def test_sparse_candidates_names_recipe_and_proxy(tmp_path, tiny4):
             sparse_group = (i < 2) == (lin.startswith("self_attn"))
             assert two_of_four(w) == sparse_group, (i, lin)
     assert Checkpoint(out).config["num_hidden_layers"] == 4
+
+
+def test_a_narrower_mlp_in_the_proxy_is_the_pruned_model(tmp_path, tiny4):
+    """A trial that removes a share of the MLP channels: the proxy's zeroed channels give the KL of
+    the structurally pruned model (the prune pass's own magnitude choice), and its recipe narrows the
+    MLP and quantizes, to the estimated bytes."""
+    from weightsmith.evaluate import WindowSums, window_sums
+    from weightsmith.models import load_model
+    from weightsmith.passes import run_pass
+    from weightsmith.recipe import run_recipe
+    from weightsmith.runtime import Runtime
+    from weightsmith.search.run import Problem, Scorer, Shape, _validate
+
+    space = {"depth_groups": 2, "bits": [8], "group_size": [32], "mlp_width": [0, 0.5], "drop_layers": [0, 1]}
+    problem = Problem.open(search_settings(spec(tmp_path, tiny4, space=space), budget="1TB"))
+    scorer = Scorer(problem, Runtime())
+    problem.layer_order = scorer.proxy.layer_order()
+    shape = Shape(drop=1, mlp=0.5)
+    pruned_dir = tmp_path / "pruned"
+    run_pass("prune", [tiny4], pruned_dir, {"structured": {"mlp": 0.5, "layers": problem.dropped(1)}, "importance": "magnitude"})
+    pruned = load_model(pruned_dir)
+    assert pruned.config.intermediate_size == 64 and pruned.config.num_hidden_layers == 3
+    sums = WindowSums()
+    with torch.inference_mode():
+        for ids, x, ref in zip(scorer.proxy.windows, scorer.proxy.inputs, scorer.proxy.reference):
+            sums.add(window_sums(pruned(x, use_cache=False).logits[0].float(), ids, ref))
+    expected = sums.kl / sums.positions
+    assert scorer.proxy.score({}, skip=problem.dropped(1), channels=scorer._cut(0.5)) == pytest.approx(expected, rel=1e-4)
+    # the cut is undone for the next trial
+    assert scorer.proxy.score({}) == pytest.approx(0.0, abs=1e-9)
+    assert scorer.structure_sensitivity()["mlp 0.5"] > 0
+
+    assignment = problem.uniform(Candidate("gptq", 8, 32))
+    steps = problem.steps(assignment, shape)
+    assert steps[0] == {"pass": "prune", "structured": {"layers": problem.dropped(1), "mlp": 0.5}, "importance": "magnitude"}
+    out = tmp_path / "out"
+    run_recipe(_validate(steps), problem.folder, out, Runtime(workdir=tmp_path / "work"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["intermediate_size"] == 64 and config["num_hidden_layers"] == 3
+    assert sum(f.stat().st_size for f in out.glob("*.safetensors")) == problem.size(assignment, shape)[0]
+    assert scorer.kl(assignment, shape) > scorer.kl(assignment)

@@ -74,6 +74,10 @@ class Space(BaseModel):
         default_factory=lambda: [0],
         description="Numbers of decoder layers a trial may drop (the least influential ones, removed by structured pruning before quantizing).",
     )
+    mlp_width: list[float] = Field(
+        default_factory=lambda: [0.0],
+        description="Shares of every layer's MLP channels a trial may remove (by weight magnitude, the new width a multiple of 32), e.g. [0, 0.25].",
+    )
     gguf_types: list[str] = Field(default_factory=lambda: list(DEFAULT_GGUF_TYPES), description="GGUF block types a group may take (GGUF budgets).")
     gguf_mix: str = Field("q4_k_m", description="GGUF budgets: llama-quantize's mix for the tensors outside the groups (embeddings, output).")
 
@@ -110,6 +114,13 @@ class Space(BaseModel):
     def _drops(cls, value: list[int]) -> list[int]:
         if not value or any(k < 0 for k in value):
             raise ValueError(f"drop_layers must be a non-empty list of counts >= 0, got {value}")
+        return sorted(set(value))
+
+    @field_validator("mlp_width")
+    @classmethod
+    def _widths(cls, value: list[float]) -> list[float]:
+        if not value or any(not 0.0 <= w < 1.0 for w in value):
+            raise ValueError(f"mlp_width must be a non-empty list of shares in [0, 1), got {value}")
         return sorted(set(value))
 
     @field_validator("gguf_types")

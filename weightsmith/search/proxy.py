@@ -253,12 +253,24 @@ class ProxyScorer:
                 self.layers[i] = layer
         return total.kl / max(total.positions, 1)
 
-    def score(self, parts: Mapping[str, Mapping[str, Tensor]], skip: Sequence[int] = ()) -> float:
-        """KL with each group's modules replaced by its weights (``parts``: group -> module -> weight)
-        and the layers ``skip`` left out; modules named by no part are restored first."""
+    def score(
+        self, parts: Mapping[str, Mapping[str, Tensor]], skip: Sequence[int] = (), channels: Mapping[str, tuple[int, Tensor]] | None = None
+    ) -> float:
+        """KL with each group's modules replaced by its weights (``parts``: group -> module -> weight),
+        the layers ``skip`` left out and, with ``channels`` (module -> (dimension, kept indices)), every
+        other channel of those modules zeroed: the function of a model whose MLP is narrower. Modules
+        named by no part are restored first."""
         merged = {m: w for part in parts.values() for m, w in part.items()}
         self.restore(keep=list(merged))
         self.assign(merged)
+        if channels:
+            cut = {}
+            for module, (dim, kept) in channels.items():
+                w = self._param(module).detach()
+                keep = torch.zeros(w.shape[dim], dtype=torch.bool)
+                keep[kept] = True
+                cut[module] = w * (keep[:, None] if dim == 0 else keep[None, :]).to(w.dtype)
+            self.assign(cut)
         return self.kl(skip)
 
     @torch.inference_mode()

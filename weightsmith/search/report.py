@@ -46,7 +46,7 @@ def write_sensitivity(folder: Path, sens: Mapping[str, Mapping[str, float]], tit
 
 
 def write_outputs(
-    folder: Path, problem, study, trials: Sequence, front: Sequence, built: Sequence, best, sens, timings: Mapping[str, float], drop_sens: Mapping[str, float] | None = None
+    folder: Path, problem, study, trials: Sequence, front: Sequence, built: Sequence, best, sens, timings: Mapping[str, float], struct: Mapping[str, float] | None = None
 ) -> None:
     """Every file of a finished search into ``folder``."""
     from weightsmith.search.run import BPW, SCORED, SIZE, best_recipe
@@ -104,8 +104,8 @@ def write_outputs(
     cands = list(next(iter(sens.values())))
     lines += ["| group | " + " | ".join(cands) + " |", "|---|" + "---:|" * len(cands)]
     lines += [f"| {g} | " + " | ".join(f"{row[c]:.4g}" for c in cands) + " |" for g, row in sens.items()]
-    if drop_sens:
-        lines += ["", "Dropping the least influential layers alone: " + ", ".join(f"{k} layers KL {v:.4g}" for k, v in drop_sens.items()) + "."]
+    if struct:
+        lines += ["", "The structure alone (layers dropped, MLP share removed): " + ", ".join(f"{k}: KL {v:.4g}" for k, v in struct.items()) + "."]
     lines += ["", "Files: best-recipe.yaml, pareto.csv, pareto.png, sensitivity.json, sensitivity.png.", ""]
     (folder / "report.md").write_text("\n".join(lines))
 

@@ -40,9 +40,27 @@ log = logging.getLogger(__name__)
 
 #: the trial's constraint (over budget when positive) and its user attributes
 CONSTRAINT = "budget"
+#: the MLP width a structured cut keeps is a multiple of this (quantization groups and GGUF blocks fit)
+MLP_ALIGN = 32
 SIZE, BPW, SCORED = "bytes", "bits_per_weight", "scored"
-#: the trial parameter of the number of decoder layers dropped
-DROP = "drop_layers"
+#: the trial parameters of the structure: decoder layers dropped, share of MLP channels removed
+DROP, MLP = "drop_layers", "mlp_width"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A trial's structural choice: how many decoder layers it drops and what share of the MLP
+    channels it removes (none by default)."""
+
+    drop: int = 0
+    mlp: float = 0.0
+
+    @classmethod
+    def of(cls, params: Mapping[str, Any]) -> Shape:
+        return cls(int(params.get(DROP, 0)), float(params.get(MLP, 0.0)))
+
+    def key(self) -> list:
+        return [self.drop, self.mlp]
 
 
 def candidates_of(settings: SearchSettings) -> list[Candidate]:
@@ -89,6 +107,7 @@ class Problem:
     #: decoder layers from the least to the most influential (measured once per study when the space
     #: drops layers)
     layer_order: list[int] = field(default_factory=list)
+    _channels: dict[float, dict[int, Any]] = field(default_factory=dict)
 
     @classmethod
     def open(cls, settings: SearchSettings) -> Problem:
@@ -116,34 +135,59 @@ class Problem:
     def drop_options(self) -> list[int]:
         return sorted(set(self.settings.space.drop_layers))
 
+    @property
+    def mlp_options(self) -> list[float]:
+        return sorted(set(self.settings.space.mlp_width))
+
+    @property
+    def structural(self) -> bool:
+        return any(self.drop_options) or any(self.mlp_options)
+
+    def channels(self, share: float) -> dict[int, Any]:
+        """Layer -> the MLP channels it keeps when ``share`` of them go (the structured prune pass's
+        own choice by weight magnitude, so the proxy and the rebuild cut the same channels)."""
+        if share not in self._channels:
+            from compress.prune.config import PruneConfig, StructuredSpec
+            from compress.prune.structured import choose, measure, plan_pruning
+            from weightsmith.checkpoint import Checkpoint
+
+            ckpt = Checkpoint(self.folder)
+            spec = StructuredSpec(mlp=share)
+            plan = plan_pruning(ckpt, spec, MLP_ALIGN)
+            scores = measure(ckpt, plan, PruneConfig(structured=spec, importance="magnitude", align=MLP_ALIGN), Runtime())
+            self._channels[share] = dict(choose(plan, scores).channels)
+        return self._channels[share]
+
     def dropped(self, drop: int) -> list[int]:
         """The layers a trial that drops ``drop`` of them removes: the least influential."""
         if drop and len(self.layer_order) < drop:
             raise WeightsmithError(None, "the layers' influence was not measured")
         return sorted(self.layer_order[:drop])
 
-    def steps(self, assignment: Mapping[str, Candidate], drop: int = 0) -> list[dict[str, Any]]:
+    def steps(self, assignment: Mapping[str, Candidate], shape: Shape = Shape()) -> list[dict[str, Any]]:
         gguf = self.settings.space.gguf_mix if self.budget.kind == "gguf" else None
         quantize = {**self.calibration(), "act_order": self.settings.act_order}
-        return recipe_for(assignment, self.groups, self.arch, quantize, gguf, name=self.folder.name, dropped=self.dropped(drop), prune=self.calibration())
+        return recipe_for(
+            assignment, self.groups, self.arch, quantize, gguf, name=self.folder.name, dropped=self.dropped(shape.drop), prune=self.calibration(), mlp=shape.mlp
+        )
 
-    def validated(self, assignment: Mapping[str, Candidate], drop: int = 0) -> list[tuple[str, Any]]:
+    def validated(self, assignment: Mapping[str, Candidate], shape: Shape = Shape()) -> list[tuple[str, Any]]:
         out = []
-        for i, step in enumerate(self.steps(assignment, drop), start=1):
+        for i, step in enumerate(self.steps(assignment, shape), start=1):
             values = dict(step)
             name = values.pop("pass")
             out.append((name, settings_from(name, values, context=f"step {i} ({name}): ")))
         return out
 
-    def size(self, assignment: Mapping[str, Candidate], drop: int = 0) -> tuple[int, float]:
+    def size(self, assignment: Mapping[str, Candidate], shape: Shape = Shape()) -> tuple[int, float]:
         """(bytes of the output, bits per weight of its quantized linears), from headers and grids."""
-        key = json.dumps([{g: c.name for g, c in sorted(assignment.items())}, drop])
+        key = json.dumps([{g: c.name for g, c in sorted(assignment.items())}, shape.key()])
         if key not in self.sizes:
             if self.sizer is None:
                 from weightsmith.sizing import Sizer
 
                 self.sizer = Sizer(self.folder)
-            est = self.sizer.estimate(self.validated(assignment, drop))
+            est = self.sizer.estimate(self.validated(assignment, shape))
             self.sizes[key] = (int(est.bytes), float(est.bits_per_weight or 0.0))
         return self.sizes[key]
 
@@ -154,9 +198,6 @@ class Problem:
     def assignment(self, params: Mapping[str, Any]) -> dict[str, Candidate]:
         return {g.name: Candidate.parse(params[g.name]) for g in self.groups}
 
-    @staticmethod
-    def drop_of(params: Mapping[str, Any]) -> int:
-        return int(params.get(DROP, 0))
 
     def uniform(self, cand: Candidate) -> dict[str, Candidate]:
         return {g.name: cand for g in self.groups}
@@ -226,14 +267,28 @@ class Scorer:
         self._H = {m: stored[owner] for m, owner in json.loads(aliases.read_text()).items()}
         return self._H
 
-    def kl(self, assignment: Mapping[str, Candidate], drop: int = 0) -> float:
-        dropped = set(self.problem.dropped(drop))
+    def kl(self, assignment: Mapping[str, Candidate], shape: Shape = Shape()) -> float:
+        dropped = set(self.problem.dropped(shape.drop))
         parts = {g.name: self.cache.get(g, assignment[g.name]) for g in self.problem.groups if not set(g.layers()) <= dropped}
-        return self.proxy.score(parts, skip=sorted(dropped))
+        return self.proxy.score(parts, skip=sorted(dropped), channels=self._cut(shape.mlp))
 
-    def drop_sensitivity(self) -> dict[str, float]:
-        """KL to the original with only the ``k`` least influential layers dropped, for each ``k``."""
-        return {str(k): self.proxy.score({}, skip=self.problem.dropped(k)) for k in self.problem.drop_options if k}
+    def _cut(self, share: float) -> dict[str, tuple[int, Any]] | None:
+        """Module -> (dimension, kept channels) of every MLP linear a width cut of ``share`` narrows."""
+        if not share:
+            return None
+        st, arch = self.problem.arch.structure, self.problem.arch
+        cut = {}
+        for layer, kept in self.problem.channels(share).items():
+            cut.update({f"{arch.layer_prefix(layer)}{lin}": (0, kept) for lin in st.mlp_rows})
+            cut.update({f"{arch.layer_prefix(layer)}{lin}": (1, kept) for lin in st.mlp_cols})
+        return cut
+
+    def structure_sensitivity(self) -> dict[str, float]:
+        """KL to the original with only the structure changed: the ``k`` least influential layers
+        dropped (``drop k``), a share of the MLP channels removed (``mlp s``)."""
+        table = {f"drop {k}": self.proxy.score({}, skip=self.problem.dropped(k)) for k in self.problem.drop_options if k}
+        table.update({f"mlp {w:g}": self.proxy.score({}, channels=self._cut(w)) for w in self.problem.mlp_options if w})
+        return table
 
     def sensitivity(self) -> dict[str, dict[str, float]]:
         """The sensitivity table, measured once per model, proxy settings, groups and candidates and
@@ -263,10 +318,11 @@ def _calib_path(settings: SearchSettings) -> Path:
     return path
 
 
-def additive_kl(sens: Mapping[str, Mapping[str, float]], assignment: Mapping[str, Candidate], drop_kl: float = 0.0) -> float:
-    """The KL a trial would have if the groups' sensitivities (and its dropped layers') added up (the
+def additive_kl(sens: Mapping[str, Mapping[str, float]], assignment: Mapping[str, Candidate], shape: Shape = Shape(), struct: Mapping[str, float] | None = None) -> float:
+    """The KL a trial would have if the groups' sensitivities (and its structure's) added up (the
     value recorded for a trial that was not run because it is over budget)."""
-    return float(sum(sens[g][c.name] for g, c in assignment.items())) + drop_kl
+    extra = (struct or {}).get(f"drop {shape.drop}", 0.0) + (struct or {}).get(f"mlp {shape.mlp:g}", 0.0)
+    return float(sum(sens[g][c.name] for g, c in assignment.items())) + extra
 
 
 def greedy_seed(problem: Problem, sens: Mapping[str, Mapping[str, float]]) -> dict[str, Candidate] | None:
@@ -342,7 +398,7 @@ def storage_of(settings: SearchSettings):
         return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=30, grace_period=120)
 
 
-def objective(problem: Problem, scorer: Scorer | None, sens: Mapping[str, Mapping[str, float]], worker: int = 0, drop_sens: Mapping[str, float] | None = None):
+def objective(problem: Problem, scorer: Scorer | None, sens: Mapping[str, Mapping[str, float]], worker: int = 0, struct: Mapping[str, float] | None = None):
     """The trial function: choose, size, and score only what fits."""
 
     def run_trial(trial) -> float:
@@ -350,16 +406,18 @@ def objective(problem: Problem, scorer: Scorer | None, sens: Mapping[str, Mappin
         names = [c.name for c in problem.candidates]
         assignment = {g.name: Candidate.parse(trial.suggest_categorical(g.name, names)) for g in problem.groups}
         drop = int(trial.suggest_categorical(DROP, problem.drop_options)) if len(problem.drop_options) > 1 else 0
-        size = problem.size(assignment, drop)
+        mlp = float(trial.suggest_categorical(MLP, problem.mlp_options)) if len(problem.mlp_options) > 1 else 0.0
+        shape = Shape(drop, mlp)
+        size = problem.size(assignment, shape)
         over = problem.measure(size) - problem.budget.limit
         trial.set_user_attr(SIZE, size[0])
         trial.set_user_attr(BPW, size[1])
         trial.set_constraint(CONSTRAINT, over)
         if over > 0 or scorer is None:
             trial.set_user_attr(SCORED, False)
-            return additive_kl(sens, assignment, (drop_sens or {}).get(str(drop), 0.0))
+            return additive_kl(sens, assignment, shape, struct)
         start = time.perf_counter()
-        value = scorer.kl(assignment, drop)
+        value = scorer.kl(assignment, shape)
         trial.set_user_attr(SCORED, True)
         trial.set_user_attr("seconds", round(time.perf_counter() - start, 3))
         return value
@@ -384,7 +442,7 @@ def run_trials(settings: SearchSettings, runtime: Runtime, n_trials: int, worker
     scorer = Scorer(problem, runtime)
     callbacks = [on_trial] if on_trial is not None else []
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study.optimize(objective(problem, scorer, sens, worker, study.user_attrs.get("drop_sensitivity")), n_trials=n_trials, callbacks=callbacks, gc_after_trial=False)
+    study.optimize(objective(problem, scorer, sens, worker, study.user_attrs.get("structure_sensitivity")), n_trials=n_trials, callbacks=callbacks, gc_after_trial=False)
 
 
 def _worker_main(settings_json: dict, source: str | None, runtime_fields: dict, n_trials: int, worker: int) -> None:
@@ -499,7 +557,7 @@ def run(inputs: Sequence, dest: Path, settings: SearchSettings, runtime: Runtime
     start = time.perf_counter()
     problem = Problem.open(settings)
     say = runtime.progress or (lambda done, total, what: None)
-    if not any(problem.drop_options):
+    if not problem.structural:
         smallest = min(problem.measure(problem.size(problem.uniform(c))) for c in problem.candidates)
         if smallest > problem.budget.limit:
             need = f"{smallest:.3f} bits per weight" if problem.budget.kind == "bpw" else f"{smallest / 1e6:.2f} MB"
@@ -507,17 +565,16 @@ def run(inputs: Sequence, dest: Path, settings: SearchSettings, runtime: Runtime
     study = open_study(settings, problem, runtime.seed, create=True)
     log.info("study %s: %d candidates per group, %d groups, budget %s", study.study_name, len(problem.candidates), len(problem.groups), problem.budget.describe())
     scorer = Scorer(problem, runtime, progress=say)
-    if any(problem.drop_options):
-        if "layer_order" not in study.user_attrs:
-            study.set_user_attr("layer_order", scorer.proxy.layer_order())
-        problem.layer_order = study.user_attrs["layer_order"]
-        if "drop_sensitivity" not in study.user_attrs:
-            study.set_user_attr("drop_sensitivity", scorer.drop_sensitivity())
+    if any(problem.drop_options) and "layer_order" not in study.user_attrs:
+        study.set_user_attr("layer_order", scorer.proxy.layer_order())
+    problem.layer_order = study.user_attrs.get("layer_order", [])
+    if problem.structural and "structure_sensitivity" not in study.user_attrs:
+        study.set_user_attr("structure_sensitivity", scorer.structure_sensitivity())
     if "sensitivity" not in study.user_attrs:
         sens = scorer.sensitivity()
         study.set_user_attr("sensitivity", sens)
     sens = study.user_attrs["sensitivity"]
-    drop_sens = study.user_attrs.get("drop_sensitivity", {})
+    struct = study.user_attrs.get("structure_sensitivity", {})
     if not study.get_trials(deepcopy=False):
         _enqueue_seeds(study, problem, sens)
     remaining = settings.trials - len(finished(study))
@@ -542,7 +599,7 @@ def run(inputs: Sequence, dest: Path, settings: SearchSettings, runtime: Runtime
             import optuna
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
-            study.optimize(objective(problem, scorer, sens, 0, drop_sens), n_trials=parts[0], callbacks=[on_trial], gc_after_trial=False)
+            study.optimize(objective(problem, scorer, sens, 0, struct), n_trials=parts[0], callbacks=[on_trial], gc_after_trial=False)
         finally:
             for p in procs:
                 p.join()
@@ -568,7 +625,7 @@ def run(inputs: Sequence, dest: Path, settings: SearchSettings, runtime: Runtime
     built = []
     for i, t in enumerate(chosen, start=1):
         say(i, len(chosen) + len(settings.baselines), f"rebuilding trial {t.number} with sequential calibration")
-        b = rebuild(problem, problem.steps(problem.assignment(t.params), problem.drop_of(t.params)), work, f"trial-{t.number}", runtime)
+        b = rebuild(problem, problem.steps(problem.assignment(t.params), Shape.of(t.params)), work, f"trial-{t.number}", runtime)
         b.trial, b.proxy_kl = t.number, t.value
         built.append(b)
     for name in settings.baselines:
@@ -586,7 +643,7 @@ def run(inputs: Sequence, dest: Path, settings: SearchSettings, runtime: Runtime
     else:
         shutil.copy2(best.path, tmp / "model.gguf")
     timings["rebuild_s"] = time.perf_counter() - start - timings["setup_s"] - timings["trials_s"]
-    write_outputs(tmp, problem, study, trials, front, built, best, sens, timings, drop_sens)
+    write_outputs(tmp, problem, study, trials, front, built, best, sens, timings, struct)
     parameters = _parameters(best.path)
     shutil.rmtree(work)
     if dest.exists():

@@ -146,6 +146,7 @@ def recipe_for(
     name: str | None = None,
     dropped: Sequence[int] = (),
     prune: Mapping[str, Any] | None = None,
+    mlp: float = 0.0,
 ) -> list[dict[str, Any]]:
     """The recipe steps that build the model a trial describes: one quantize step whose overrides give
     each group its candidate (``quantize`` holds the shared settings: calibration, damp, ...), packed
@@ -153,8 +154,9 @@ def recipe_for(
     ``gguf`` (a llama.cpp mix for the tensors outside the groups, e.g. ``q4_k_m``) the quantize step
     chooses codes on the GGUF grids and a last step exports the file, ``name`` its ``general.name`` (so
     the file does not depend on the folder the quantize step wrote). ``dropped`` decoder layers are
-    removed first by a structured prune step, and the groups' overrides name the layers that remain
-    by their new indices. Candidates with a sparsity get a Wanda step before quantizing (``prune``: its
+    removed first by a structured prune step (with ``mlp``, that share of every layer's MLP channels
+    too, chosen by weight magnitude), and the groups' overrides name the layers that remain by their
+    new indices. Candidates with a sparsity get a Wanda step before quantizing (``prune``: its
     calibration settings), whose overrides give each group its share or N:M pattern; the quantize
     step then keeps those zeros. Pure: same inputs, same steps."""
     first = assignment[groups[0].name]
@@ -170,8 +172,11 @@ def recipe_for(
     if sparse:
         overrides = [{"match": group_pattern(g, arch, layers), **assignment[g.name].prune_override()} for g, layers in sparse]
         steps.insert(0, {"pass": "prune", **(prune or {}), "method": "wanda", "sparsity": 0.0, "overrides": overrides})
-    if dropped:
-        steps.insert(0, {"pass": "prune", "structured": {"layers": sorted(dropped)}})
+    if dropped or mlp:
+        structured: dict[str, Any] = {"layers": sorted(dropped)} if dropped else {}
+        if mlp:
+            structured["mlp"] = mlp
+        steps.insert(0, {"pass": "prune", "structured": structured, **({"importance": "magnitude"} if mlp else {})})
     if gguf is not None:
         steps.append({"pass": "gguf", "type": gguf, **({"name": name} if name else {})})
     return steps
