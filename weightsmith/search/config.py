@@ -65,7 +65,7 @@ class Space(BaseModel):
     )
     symmetric: bool = Field(True, description="Symmetric grids (the packed format then loads compressed everywhere).")
     sparsity: list[float | str] = Field(
-        default_factory=lambda: [0],
+        default_factory=lambda: [0.0],
         description="Wanda pruning a group may take before it is quantized: 0 (none), a share (0.5) or an N:M pattern ('2:4'). "
         "Zeros stored in packed or GGUF weights do not shrink the file: a size budget gains nothing from them; "
         "they are for runtimes with sparse kernels.",
@@ -90,6 +90,11 @@ class Space(BaseModel):
         if bad or not value:
             raise ValueError(f"bits must be a non-empty list of {', '.join(map(str, BITS))}, got {value}")
         return sorted(set(value))
+
+    @field_validator("sparsity", mode="before")
+    @classmethod
+    def _shares_as_floats(cls, value: Any) -> Any:
+        return [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value] if isinstance(value, list) else value
 
     @field_validator("sparsity")
     @classmethod
