@@ -4,6 +4,8 @@ Run:  .venv/bin/python bench/search.py [--budgets A B C] [--trials 40] [--sample
       .venv/bin/python bench/search.py --table     (the table of the saved results)
 Budget C needs bench/setup-llamacpp.sh (llama.cpp's tools and Python bindings).
 
+* Space of A and B: bits 2, 3, 4 or 8 at groups of 64 columns per group (attention and MLP in four
+  depth bands: eight groups, four candidates each), GPTQ with act-order, 128 calibration blocks.
 * A: the size on disk of uniform GPTQ W4 g64 (packed, symmetric) of the model; goal: the found model's
   perplexity below uniform GPTQ W4 g64's (rebuilt and scored in the same search as a baseline).
 * B: 3.5 bits per weight over the linears; goal: below uniform GPTQ W3 g64's perplexity by a clear
@@ -41,8 +43,12 @@ from bench.common import ROOT, VENV_BIN, goal_word, measure  # noqa: E402
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
+#: The space of budgets A and B: bits 2/3/4/8 at groups of 64 (eight groups by kind and depth).
+SPACE = {"bits": [2, 3, 4, 8], "group_size": [64]}
+
+
 def spec_file(model: Path, work: Path, samples: int, **extra) -> Path:
-    doc = {"model": str(model), "samples": samples, "seq_len": 512, "act_order": True, "front": 2, **extra}
+    doc = {"model": str(model), "samples": samples, "seq_len": 512, "act_order": True, "front": 2, "space": dict(SPACE), **extra}
     path = work / f"spec-{len(list(work.glob('spec-*')))}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
