@@ -59,6 +59,9 @@ def test_every_settings_field_is_a_cli_option_with_the_same_default(name):
         flag = f"--{field.replace('_', '-')}"
         assert flag in options, f"{name}: settings field {field!r} has no {flag} option"
         param = by_name[f"s_{field}"]
+        if info.is_required():  # no default: the option is unset unless given, and settings refuse it missing
+            assert param.default is None, field
+            continue
         default = info.default_factory() if info.default_factory is not None else info.default
         if isinstance(default, bool):
             assert param.default is default
