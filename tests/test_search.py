@@ -467,3 +467,29 @@ def test_a_narrower_mlp_in_the_proxy_is_the_pruned_model(tmp_path, tiny4):
     assert config["intermediate_size"] == 64 and config["num_hidden_layers"] == 3
     assert sum(f.stat().st_size for f in out.glob("*.safetensors")) == problem.size(assignment, shape)[0]
     assert scorer.kl(assignment, shape) > scorer.kl(assignment)
+
+
+def test_collected_hessians_are_each_linears_own(tmp_path):
+    """Every linear's Hessian from one forward of the whole model equals the one computed from its own
+    inputs: linears reading the same tensor share it, and no two layers' inputs are confused (their
+    tensors have the same shape and may reuse each other's memory)."""
+    from weightsmith.models import load_model
+    from weightsmith.search.proxy import collect_hessians
+
+    model = load_model(make_tiny_llama(tmp_path / "m", layers=6, hidden=64))
+    modules = [f"model.layers.{i}.{lin}" for i in range(6) for lin in LLAMA.linears]
+    batches = [torch.randint(0, 300, (2, 32)) for _ in range(3)]
+    got = collect_hessians(model, modules, batches)
+    inputs: dict[str, list] = {m: [] for m in modules}
+    hooks = [model.get_submodule(m).register_forward_pre_hook(lambda mod, args, m=m: inputs[m].append(args[0].detach().clone())) for m in modules]
+    with torch.inference_mode():
+        for b in batches:
+            model(b, use_cache=False)
+    for h in hooks:
+        h.remove()
+    for m in modules:
+        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs[m]]).double()
+        expected = 2 / x.shape[0] * x.T @ x
+        assert torch.allclose(got[m].double(), expected, rtol=1e-4, atol=1e-5), m
+    assert got["model.layers.2.self_attn.q_proj"] is got["model.layers.2.self_attn.v_proj"]
+    assert got["model.layers.2.self_attn.q_proj"] is not got["model.layers.3.self_attn.q_proj"]

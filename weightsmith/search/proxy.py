@@ -42,6 +42,8 @@ class ProxySettings:
     #: tokens of the KL proxy, in windows of ``ctx``
     tokens: int = 2048
     ctx: int = 512
+    #: how the cached candidates were computed (a new value invalidates the caches of earlier ones)
+    version: int = 2
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -125,13 +127,20 @@ def collect_hessians(model: torch.nn.Module, modules: Sequence[str], batches: Se
     hessians: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
     owner: dict[str, str] = {}
-    seen: dict[tuple[int, tuple[int, ...]], str] = {}
+    # the inputs seen in the current layer, held so that their memory cannot be reused by a later
+    # tensor of the same shape (which would then pass for the same input)
+    seen: dict[tuple[int, tuple[int, ...]], tuple[str, Tensor]] = {}
+    layer = [""]
 
     def hook(name: str):
         def record(_module: torch.nn.Module, args: tuple) -> None:
             x = args[0]
+            prefix = name.rsplit(".", 2)[0]
+            if prefix != layer[0]:
+                seen.clear()
+                layer[0] = prefix
             key = (x.data_ptr(), tuple(x.shape))
-            first = seen.setdefault(key, name)
+            first, _ = seen.setdefault(key, (name, x))
             if first != name:
                 owner[name] = first
                 return
@@ -143,6 +152,7 @@ def collect_hessians(model: torch.nn.Module, modules: Sequence[str], batches: Se
     try:
         for i, batch in enumerate(batches):
             seen.clear()
+            layer[0] = ""
             model(batch, use_cache=False)
             if progress is not None:
                 progress(i + 1, len(batches), "input Hessians")
